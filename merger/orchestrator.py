@@ -1,0 +1,122 @@
+"""The one orchestrator: the CLI, the API and the worker all run recipes through ``run_recipe``.
+
+For each stage, in order: resolve its inputs to content ids, look up the cache (same stage recipe, same
+input ids, same software versions), else run the stage's runner into a staging directory, write the
+model card, and publish the result atomically into the store with its lineage.
+"""
+
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from merger import __version__
+from merger.card import render_card
+from merger.db import ModelRow
+from merger.hashing import digest_json
+from merger.planning import InputRef, StagePlan, plan_recipe
+from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
+from merger.recipe import Recipe
+from merger.references import Resolver
+from merger.settings import Settings
+from merger.stages import STAGE_RUNNERS
+from merger.store import Parent, Store
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    model: ModelRow
+    cache_hit: bool
+    seconds: float
+
+
+def software_versions() -> dict[str, str]:
+    versions = {name: version(name) for name in ("mergekit", "transformers", "torch", "peft", "safetensors")}
+    return {"merger": __version__, **versions}
+
+
+def validate_recipe(recipe: Recipe, settings: Settings, store: Store) -> list[StagePlan]:
+    """Resolve and check every input of every stage; raises ``RecipeError`` listing all problems."""
+    return plan_recipe(recipe, Resolver(settings, store))
+
+
+def run_recipe(
+    recipe: Recipe,
+    settings: Settings,
+    store: Store,
+    *,
+    force: bool = False,
+    report: Reporter = no_report,
+    should_cancel: CancelCheck = never_cancel,
+) -> list[StageResult]:
+    plans = validate_recipe(recipe, settings, store)
+    versions = software_versions()
+    outputs: dict[str, ModelRow] = {}
+    results = []
+    for plan in plans:
+        result = _run_stage(plan, outputs, settings, store, versions, force, report, should_cancel)
+        outputs[plan.stage.name] = result.model
+        results.append(result)
+    return results
+
+
+def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings, store: Store,
+               versions: dict, force: bool, report: Reporter, should_cancel: CancelCheck) -> StageResult:
+    stage = plan.stage
+    started = time.monotonic()
+    report(ProgressEvent(stage.name, "start"))
+    inputs = [_input_model(inp, outputs, store) for inp in plan.inputs]
+    normalized = stage.model_dump(mode="json")
+    key = digest_json({"stage": normalized, "inputs": [[i.loc, i.role, m.id] for i, m in zip(plan.inputs, inputs)], "versions": versions})
+
+    cached = None if force else store.cached(key)
+    if cached is not None:
+        seconds = time.monotonic() - started
+        store.record_run(stage=stage.name, cache_key=key, model_id=cached.id, cache_hit=True, seconds=seconds)
+        report(ProgressEvent(stage.name, "done", model_id=cached.id, cache_hit=True))
+        return StageResult(stage.name, cached, True, seconds)
+
+    runner = STAGE_RUNNERS[stage.kind]
+    with store.staging() as work:
+        out_dir = work / "out"
+        out_dir.mkdir()
+        dirs = [store.path_of(m) for m in inputs]
+        architecture = runner.run(plan, dirs, out_dir, work, report, should_cancel)
+        parents = [(inp.role, model, inp.weight) for inp, model in zip(plan.inputs, inputs)]
+        (out_dir / "README.md").write_text(
+            render_card(
+                name=stage.name, relation=runner.RELATION, summary=runner.summary(stage), parents=parents,
+                recipe=normalized, versions=versions,
+            ),
+            encoding="utf-8",
+        )
+        model = store.publish(
+            out_dir,
+            name=stage.name,
+            architecture=architecture,
+            parents=[
+                Parent(m.id, inp.relation, inp.role, inp.weight, {"loc": inp.loc, "ref": inp.text, **({"applied_to": inp.applied_to} if inp.applied_to else {})})
+                for inp, m in zip(plan.inputs, inputs)
+            ],
+            recipe=normalized,
+            recipe_digest=digest_json(normalized),
+            versions=versions,
+        )
+    store.remember(key, model.id)
+    seconds = time.monotonic() - started
+    store.record_run(stage=stage.name, cache_key=key, model_id=model.id, cache_hit=False, seconds=seconds)
+    report(ProgressEvent(stage.name, "done", model_id=model.id))
+    return StageResult(stage.name, model, False, seconds)
+
+
+def _input_model(inp: InputRef, outputs: dict[str, ModelRow], store: Store) -> ModelRow:
+    """The stored (or registered external) model behind an input, so lineage names it by content id."""
+    source = inp.source
+    if source.kind == "stage":
+        return outputs[source.stage]
+    if source.kind == "store":
+        return store.get(source.model_id)
+    kind = "adapter" if inp.role == "adapter" else "model"
+    return store.register_directory(Path(source.path), name=source.hub_id or Path(source.path).name, kind=kind)
+

@@ -1,0 +1,214 @@
+"""The recipe schema, in one place.
+
+A recipe is either a plain mergekit merge config (one ``merge`` stage named after the file) or a
+``stages:`` list, each stage with a ``name`` and exactly one kind key. Stage kinds form the closed table
+``STAGE_KINDS``; a new kind is a new class here plus a runner in ``merger.stages``.
+
+``parse_recipe`` reports every problem at once, each with its field path, as a ``RecipeError``.
+"""
+
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+from mergekit.config import MergeConfiguration
+from mergekit.merge_methods import registry as merge_methods
+from mergekit.merge_methods.base import BasePolicy
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from merger.errors import Problem, RecipeError, format_loc
+from merger.safe_yaml import load_recipe_file
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+RANDOMIZED_METHODS = frozenset({"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MergeStage(_Strict):
+    """A mergekit merge; ``merge`` is any mergekit config (models, slices or modules)."""
+
+    kind: ClassVar[str] = "merge"
+    name: str = Field(pattern=NAME_PATTERN, description="Stage name; later stages and the store refer to it")
+    merge: dict[str, Any] = Field(description="A mergekit merge configuration, unchanged")
+    seed: int = Field(default=0, description="Random seed for randomized methods (dare_*, della, breadcrumbs)")
+    _config: MergeConfiguration | None = PrivateAttr(default=None)
+
+    @property
+    def config(self) -> MergeConfiguration:
+        if self._config is None:
+            self._config = MergeConfiguration.model_validate(self.merge)
+        return self._config
+
+    @classmethod
+    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
+        return check_merge_config(raw, loc)
+
+
+STAGE_KINDS: dict[str, type[_Strict]] = {"merge": MergeStage}
+Stage = Union[tuple(STAGE_KINDS.values())]  # type: ignore[valid-type]
+
+
+class Recipe(_Strict):
+    stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+
+def parse_recipe(data: Any, *, default_name: str) -> Recipe:
+    """Validate raw recipe data; raise ``RecipeError`` listing every problem with its field path."""
+    if isinstance(data, dict) and "stages" not in data and "merge_method" in data:
+        data = _plain_mergekit_config_as_recipe(data, default_name)
+    if not isinstance(data, dict):
+        raise RecipeError([Problem("", "a recipe is a mapping: a mergekit config or `stages: [...]`")])
+    problems: list[Problem] = []
+    unknown = sorted(set(data) - {"stages"})
+    problems += [Problem(key, "unknown field (a recipe has `stages:`, or is a plain mergekit config)") for key in unknown]
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        problems.append(Problem("stages", "must be a non-empty list of stages"))
+        raise RecipeError(problems)
+
+    stages = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_stages):
+        loc = ("stages", i)
+        stage, stage_problems = _parse_stage(raw, loc)
+        problems += stage_problems
+        if stage is None:
+            continue
+        if stage.name in seen:
+            problems.append(Problem(format_loc(loc + ("name",)), f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}])"))
+        seen.setdefault(stage.name, i)
+        stages.append(stage)
+    if problems:
+        raise RecipeError(problems)
+    return Recipe(stages=stages)
+
+
+def _plain_mergekit_config_as_recipe(config: dict, name: str) -> dict:
+    """A plain mergekit config is a one-stage recipe; merger adds only an optional top-level ``seed``."""
+    merge = {k: v for k, v in config.items() if k != "seed"}
+    stage = {"name": name, "merge": merge}
+    if "seed" in config:
+        stage["seed"] = config["seed"]
+    return {"stages": [stage]}
+
+
+def _parse_stage(raw: Any, loc: tuple) -> tuple[Any, list[Problem]]:
+    if not isinstance(raw, dict):
+        return None, [Problem(format_loc(loc), "a stage is a mapping with `name` and one kind")]
+    kinds = [k for k in STAGE_KINDS if k in raw]
+    if len(kinds) != 1:
+        found = ", ".join(kinds) if kinds else "none"
+        return None, [Problem(format_loc(loc), f"a stage needs exactly one kind of {sorted(STAGE_KINDS)} (found: {found})")]
+    kind_cls = STAGE_KINDS[kinds[0]]
+    problems = kind_cls.check_kind_body(raw[kinds[0]], loc + (kinds[0],))
+    try:
+        stage = kind_cls.model_validate(raw)
+    except ValidationError as exc:
+        problems = [Problem(format_loc(loc + tuple(e["loc"])), e["msg"]) for e in exc.errors()
+                    if not (len(e["loc"]) > 1 and e["loc"][0] == kinds[0])] + problems
+        return None, problems
+    return (None if problems else stage), problems
+
+
+# --- mergekit configs: strict keys, known methods and parameters ---------------------------------------
+
+
+def check_merge_config(raw: Any, loc: tuple) -> list[Problem]:
+    """Every problem in a mergekit config: unknown keys, type errors, unknown method or parameters."""
+    if not isinstance(raw, dict):
+        return [Problem(format_loc(loc), "must be a mergekit merge configuration (a mapping)")]
+    problems = _unknown_keys(MergeConfiguration, raw, loc)
+    method_name = raw.get("merge_method")
+    method = None
+    if isinstance(method_name, str):
+        try:
+            method = merge_methods.get(method_name)
+        except RuntimeError:
+            known = ", ".join(sorted(m.spec.name for m in merge_methods.registered_methods()))
+            problems.append(Problem(format_loc(loc + ("merge_method",)), f"unknown merge method {method_name!r}; known: {known}"))
+    if method is not None:
+        known_params = {p.name for p in method.spec.parameters}
+        for param_loc, params in _parameter_blocks(raw, loc):
+            for key in params:
+                if key not in known_params:
+                    allowed = ", ".join(sorted(known_params)) or "none"
+                    problems.append(Problem(format_loc(param_loc + (key,)), f"unknown parameter for {method_name} (allowed: {allowed})"))
+        if method.spec.contract.base == BasePolicy.REQUIRED and not raw.get("base_model") and "models" in raw:
+            problems.append(Problem(format_loc(loc + ("base_model",)), f"{method_name} needs a base_model"))
+    try:
+        MergeConfiguration.model_validate(raw)
+    except ValidationError as exc:
+        problems += [Problem(format_loc(loc + tuple(e["loc"])), e["msg"]) for e in exc.errors()]
+    except (RuntimeError, ValueError, TypeError) as exc:  # mergekit's own validators raise these directly
+        problems.append(Problem(format_loc(loc), str(exc)))
+    return _dedupe(problems)
+
+
+def _parameter_blocks(raw: dict, loc: tuple):
+    """(location, mapping) of every ``parameters`` block in a mergekit config."""
+    if isinstance(raw.get("parameters"), dict):
+        yield loc + ("parameters",), raw["parameters"]
+    for key in ("models", "slices"):
+        for i, item in enumerate(raw.get(key) or []):
+            if isinstance(item, dict):
+                yield from _parameter_blocks(item, loc + (key, i))
+    for i, src in enumerate(raw.get("sources") or []):
+        if isinstance(src, dict):
+            yield from _parameter_blocks(src, loc + ("sources", i))
+    for name, module in (raw.get("modules") or {}).items():
+        if isinstance(module, dict):
+            yield from _parameter_blocks(module, loc + ("modules", name))
+
+
+def _unknown_keys(model: type[BaseModel], raw: Any, loc: tuple) -> list[Problem]:
+    """Keys of ``raw`` that ``model`` (a mergekit pydantic class, which ignores extras) does not know."""
+    if not isinstance(raw, dict):
+        return []
+    problems = []
+    fields = model.model_fields
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(Problem(format_loc(loc + (key,)), f"unknown field (allowed: {', '.join(fields)})"))
+            continue
+        if key == "parameters":
+            continue  # checked against the merge method
+        for sub_model, sub_value, sub_loc in _nested(fields[key].annotation, value, loc + (key,)):
+            problems += _unknown_keys(sub_model, sub_value, sub_loc)
+    return problems
+
+
+def _nested(annotation: Any, value: Any, loc: tuple):
+    """Pair the nested values of a field with the pydantic class that validates them."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Union or str(origin) == "types.UnionType":
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        containers = [a for a in args if typing.get_origin(a) in (list, dict, tuple)]
+        if isinstance(value, dict) and len(models) == 1:
+            yield models[0], value, loc
+        for container in containers:
+            yield from _nested(container, value, loc)
+    elif origin is list and isinstance(value, list) and args:
+        for i, item in enumerate(value):
+            yield from _nested(args[0], item, loc + (i,))
+    elif origin is dict and isinstance(value, dict) and len(args) == 2:
+        for k, item in value.items():
+            yield from _nested(args[1], item, loc + (k,))
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+        yield annotation, value, loc
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    return list(dict.fromkeys(problems))
+
+
+def load_recipe(path: Path | str, *, max_bytes: int) -> Recipe:
+    """Read and validate a recipe file (YAML or JSON); the file stem names a plain mergekit config's stage."""
+    path = Path(path)
+    return parse_recipe(load_recipe_file(path, max_bytes=max_bytes), default_name=path.stem)

@@ -1,0 +1,94 @@
+"""Model references in recipes, resolved in a fixed order:
+
+1. the name of an earlier stage of the same recipe;
+2. a model in merger's store, by id, unique id prefix, or name;
+3. a directory under one of the model roots (``MERGER_MODEL_ROOTS``); relative paths are tried against
+   each root, and nothing may leave the roots (``..``, absolute paths and symlinks are checked after
+   resolution);
+4. a Hugging Face id ``org/name`` (``@revision`` optional), taken from the local HF cache only.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from merger.errors import MergerError
+from merger.settings import Settings
+from merger.store import Store
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "stage" | "store" | "local" | "hub"
+    path: Path | None = None
+    model_id: str | None = None
+    stage: str | None = None
+    hub_id: str | None = None
+
+
+class UnresolvedReference(MergerError):
+    """A reference that cannot be resolved; the message says why."""
+
+
+class Resolver:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+
+    def resolve(self, text: str, revision: str | None = None, *, stages: frozenset[str] = frozenset()) -> Source:
+        if revision is None and text in stages:
+            return Source("stage", stage=text)
+        if revision is None:
+            model = self.store.find(text)
+            if model is not None:
+                return Source("store", path=self.store.path_of(model), model_id=model.id)
+        local = self._under_roots(text)
+        if local is not None:
+            return Source("local", path=local)
+        if HUB_ID.match(text) and not Path(text).is_absolute():
+            return Source("hub", path=self._from_hf_cache(text, revision), hub_id=f"{text}@{revision}" if revision else text)
+        raise UnresolvedReference(self._not_found(text))
+
+    def confine(self, text: str) -> Path:
+        """A path that must lie under the model roots (tokenizer files, chat templates...)."""
+        path = self._under_roots(text)
+        if path is None:
+            raise UnresolvedReference(self._not_found(text))
+        return path
+
+    def _under_roots(self, text: str) -> Path | None:
+        roots = self.settings.model_roots
+        raw = Path(text).expanduser()
+        candidates = [raw] if raw.is_absolute() else [root / raw for root in roots]
+        for candidate in candidates:
+            if not candidate.exists():
+                continue
+            resolved = candidate.resolve()
+            if not any(resolved.is_relative_to(root) for root in roots):
+                raise UnresolvedReference(f"{text!r} resolves to {resolved}, outside the model roots ({self._roots_text()})")
+            return resolved
+        return None
+
+    def _from_hf_cache(self, repo_id: str, revision: str | None) -> Path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(
+                repo_id, revision=revision, local_files_only=True,
+                cache_dir=str(self.settings.hf_cache_dir) if self.settings.hf_cache_dir else None,
+            )
+        except Exception:  # huggingface_hub raises several error types for "not cached"
+            where = f"@{revision}" if revision else ""
+            raise UnresolvedReference(
+                f"{repo_id}{where} is not a stage, a stored model, or a directory under the model roots "
+                f"({self._roots_text()}), and is not in the local Hugging Face cache (merger never downloads)"
+            ) from None
+        return Path(path)
+
+    def _not_found(self, text: str) -> str:
+        return f"{text!r} is not a stage, a stored model, or a directory under the model roots ({self._roots_text()})"
+
+    def _roots_text(self) -> str:
+        return ", ".join(map(str, self.settings.model_roots)) or "none set: MERGER_MODEL_ROOTS"

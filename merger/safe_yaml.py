@@ -1,0 +1,45 @@
+"""YAML for untrusted recipes: safe types only, no anchors or aliases, bounded size."""
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from merger.errors import MergerError, Problem, RecipeError
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses anchors and aliases (they allow exponential 'billion laughs' documents)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases are not allowed in recipes", event.start_mark
+            )
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML anchors are not allowed in recipes", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_recipe_text(text: str, *, source: str, max_bytes: int) -> Any:
+    size = len(text.encode())
+    if size > max_bytes:
+        raise RecipeError([Problem(source, f"recipe is {size} bytes, over the {max_bytes}-byte limit (MERGER_MAX_RECIPE_BYTES)")])
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - the loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise RecipeError([Problem(source, f"not valid recipe YAML: {exc}")]) from None
+
+
+def load_recipe_file(path: Path, *, max_bytes: int) -> Any:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise MergerError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    if size > max_bytes:
+        raise RecipeError([Problem(str(path), f"recipe is {size} bytes, over the {max_bytes}-byte limit (MERGER_MAX_RECIPE_BYTES)")])
+    return load_recipe_text(path.read_text(encoding="utf-8"), source=str(path), max_bytes=max_bytes)

@@ -1,0 +1,51 @@
+"""Settings, read from the environment with the prefix ``MERGER_``."""
+
+from functools import cached_property
+from pathlib import Path
+
+from platformdirs import user_data_dir
+import os
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def _default_home() -> Path:
+    return Path(user_data_dir("merger", appauthor=False))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MERGER_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="Store root: models, staging, SQLite database")
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories a recipe may read local models and adapters from (os.pathsep-separated in the env)",
+    )
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite under home")
+    max_recipe_bytes: int = Field(default=256 * 1024, description="Largest recipe file accepted")
+    hf_cache_dir: Path | None = Field(default=None, description="Hugging Face cache for org/name@rev references")
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    def model_post_init(self, __context: object) -> None:
+        self.home = self.home.expanduser().resolve()
+        self.model_roots = [Path(r).expanduser().resolve() for r in self.model_roots]
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'merger.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"

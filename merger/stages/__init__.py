@@ -1,0 +1,9 @@
+"""The runners of the stage kinds: the closed table the orchestrator dispatches on.
+
+A runner module provides ``plan(stage, loc, context) -> (StagePlan | None, [Problem])`` (resolve and
+check, no heavy work) and ``run(plan, inputs, out_dir, work_dir, report, should_cancel) -> RunInfo``.
+"""
+
+from merger.stages import merge
+
+STAGE_RUNNERS = {"merge": merge}

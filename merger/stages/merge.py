@@ -1,0 +1,208 @@
+"""The ``merge`` stage: any mergekit merge, run in-process by mergekit with progress and cancellation.
+
+merger resolves every model reference itself (confined to the model roots) and hands mergekit only
+absolute directories it has checked, so mergekit never sees a user path, never downloads, and never
+loads a pickle.
+"""
+
+import importlib.resources
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mergekit.merge
+import torch
+from mergekit._data import chat_templates
+from mergekit.common import ModelPath, ModelReference
+from mergekit.io.tasks import LoaderCache
+from mergekit.options import MergeOptions
+
+from merger.errors import Cancelled, Problem, format_loc
+from merger.mergekit_refs import map_references, walk_references
+from merger.modelfiles import ModelDirError, ModelInfo, inspect_dir
+from merger.planning import InputRef, PlanContext, StagePlan
+from merger.progress import CancelCheck, ProgressEvent, Reporter
+from merger.recipe import RANDOMIZED_METHODS, MergeStage
+from merger.references import UnresolvedReference
+
+RELATION = "merge"
+MAX_SHAPE_PROBLEMS = 3
+
+
+@dataclass
+class _RefSlots:
+    reference: ModelReference
+    model_input: int
+    adapter_input: int | None
+
+
+def plan(stage: MergeStage, loc: tuple, context: PlanContext) -> tuple[StagePlan | None, list[Problem]]:
+    config = stage.config
+    problems: list[Problem] = []
+    inputs: list[InputRef] = []
+    infos: dict[int, ModelInfo | None] = {}
+    slots: dict[ModelReference, _RefSlots] = {}
+    weights = {m.model: m.parameters.get("weight") for m in config.models or [] if m.parameters}
+
+    for ref_loc, ref in walk_references(config):
+        where = format_loc(loc + ref_loc)
+        role = "base" if ref_loc[-1] == "base_model" else "tokenizer" if ref_loc[0] == "tokenizer_source" else "donor"
+        if ref in slots:
+            if role == "base":
+                inputs[slots[ref].model_input].role = "base"
+            continue
+        try:
+            source = context.resolver.resolve(ref.model.path, ref.model.revision, stages=context.stage_names)
+        except UnresolvedReference as exc:
+            problems.append(Problem(where, str(exc)))
+            continue
+        weight = weights.get(ref)
+        inputs.append(InputRef(where, str(ref.model), source, role, RELATION, weight if isinstance(weight, (int, float)) else None))
+        slot = _RefSlots(ref, len(inputs) - 1, None)
+        infos[slot.model_input] = _inspect(source, context, where, problems)
+        if ref.lora is not None:
+            try:
+                adapter = context.resolver.resolve(ref.lora.path, ref.lora.revision)
+                if adapter.kind == "stage":
+                    raise UnresolvedReference(f"{ref.lora.path!r}: stage outputs can't be used as LoRA adapters here")
+                inspect_dir(adapter.path, adapter=True)
+                inputs.append(InputRef(where, str(ref.lora), adapter, "adapter", "adapter", applied_to=where))
+                slot.adapter_input = len(inputs) - 1
+            except (UnresolvedReference, ModelDirError) as exc:
+                problems.append(Problem(where, str(exc)))
+        slots[ref] = slot
+
+    details = {"slots": list(slots.values())}
+    template = _chat_template(config.chat_template, context, loc, problems)
+    if template is not None:
+        details["chat_template"] = template
+    base_index = next((i for i, inp in enumerate(inputs) if inp.role == "base"), 0)
+    base_info = infos.get(base_index)
+    problems += _compatibility(config, loc, inputs, infos, base_info)
+    if problems:
+        return None, problems
+    output_info = base_info if config.models else None
+    return StagePlan(stage, inputs, output_info, details), []
+
+
+def _inspect(source, context: PlanContext, where: str, problems: list[Problem]) -> ModelInfo | None:
+    if source.kind == "stage":
+        return context.outputs.get(source.stage)
+    try:
+        return inspect_dir(source.path)
+    except ModelDirError as exc:
+        problems.append(Problem(where, str(exc)))
+        return None
+
+
+def _compatibility(config, loc, inputs, infos, base_info: ModelInfo | None) -> list[Problem]:
+    """Architectures agree; for a models-merge, every tensor has the base's shape; slices fit the layers."""
+    problems = []
+    if base_info is None:
+        return problems
+    for index, info in infos.items():
+        if info is None or info is base_info or inputs[index].role == "tokenizer":
+            continue
+        where = inputs[index].loc
+        if info.architecture != base_info.architecture:
+            problems.append(Problem(where, f"architecture {info.architecture} differs from the base's {base_info.architecture}"))
+            continue
+        if config.models:
+            mismatches = [
+                f"{name} {list(shape)} vs base {list(base_info.tensors[name][1])}"
+                for name, (_dtype, shape) in info.tensors.items()
+                if name in base_info.tensors and base_info.tensors[name][1] != shape
+            ]
+            missing = sorted(set(base_info.tensors) - set(info.tensors))
+            if mismatches:
+                problems.append(Problem(where, "tensor shapes differ from the base: " + "; ".join(mismatches[:MAX_SHAPE_PROBLEMS])))
+            if missing:
+                problems.append(Problem(where, f"lacks {len(missing)} tensors of the base, e.g. {', '.join(missing[:MAX_SHAPE_PROBLEMS])}"))
+    for s, out_slice in enumerate(config.slices or []):
+        for j, src in enumerate(out_slice.sources):
+            slot = next((i for i, inp in enumerate(inputs) if inp.text == str(src.model.model)), None)
+            info = infos.get(slot) if slot is not None else None
+            start, end = src.layer_range
+            if info and info.num_layers is not None and not (0 <= start < end <= info.num_layers):
+                where = format_loc(loc + ("slices", s, "sources", j, "layer_range"))
+                problems.append(Problem(where, f"[{start}, {end}] is outside the model's {info.num_layers} layers"))
+    return problems
+
+
+def _chat_template(value: str | None, context: PlanContext, loc: tuple, problems: list[Problem]) -> str | None:
+    """A built-in template name, ``auto``, or literal Jinja pass through; anything else is a file under the roots."""
+    builtin = {p.name.removesuffix(".jinja") for p in importlib.resources.files(chat_templates).iterdir()}
+    if value is None or value == "auto" or value in builtin or "{" in value:
+        return None
+    try:
+        return context.resolver.confine(value).read_text(encoding="utf-8")
+    except (UnresolvedReference, OSError, UnicodeDecodeError) as exc:
+        problems.append(Problem(format_loc(loc + ("chat_template",)), f"not a built-in template name ({', '.join(sorted(builtin))}), Jinja text, or a readable file under the model roots: {exc}"))
+        return None
+
+
+def summary(stage: MergeStage) -> str:
+    return f"A `{stage.config.merge_method}` merge made by merger with mergekit."
+
+
+def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report: Reporter, should_cancel: CancelCheck) -> str | None:
+    """Run the merge into ``out_dir``; ``dirs[i]`` is the directory of ``plan.inputs[i]``. Returns the architecture."""
+    stage: MergeStage = plan.stage
+
+    def local(ref: ModelReference) -> ModelReference:
+        slot = next(s for s in plan.details["slots"] if s.reference == ref)
+        lora = ModelPath(path=str(dirs[slot.adapter_input])) if slot.adapter_input is not None else None
+        return ModelReference(model=ModelPath(path=str(dirs[slot.model_input])), lora=lora, override_architecture=ref.override_architecture)
+
+    config = map_references(stage.config, local)
+    if "chat_template" in plan.details:
+        config = config.model_copy(update={"chat_template": plan.details["chat_template"]})
+    options = MergeOptions(
+        lora_merge_cache=str(work_dir / "lora"),
+        lora_merge_dtype="float32",
+        random_seed=stage.seed,
+        trust_remote_code=False,
+        write_model_card=False,
+        quiet=True,
+    )
+    LoaderCache.loaders.clear()  # process-wide; would serve stale weights for a rewritten path
+    with _observed_executor(stage.name, report, should_cancel), _threads_for(config.merge_method):
+        mergekit.merge.run_merge(config, str(out_dir), options=options)
+    LoaderCache.loaders.clear()
+    return plan.output_info.architecture if plan.output_info else None
+
+
+@contextmanager
+def _observed_executor(stage: str, report: Reporter, should_cancel: CancelCheck):
+    """mergekit has no progress or cancel hooks; its executor yields each finished tensor, so observe that."""
+    original = mergekit.merge.Executor
+
+    class ObservedExecutor(original):
+        def run(self, quiet: bool = False, desc: str | None = None):
+            total = len(self.targets)
+            report(ProgressEvent(stage, "progress", 0, total))
+            for done, item in enumerate(super().run(quiet=True, desc=desc), start=1):
+                report(ProgressEvent(stage, "progress", done, total))
+                if should_cancel():
+                    raise Cancelled(f"stage {stage} cancelled")
+                yield item
+
+    mergekit.merge.Executor = ObservedExecutor
+    try:
+        yield
+    finally:
+        mergekit.merge.Executor = original
+
+
+@contextmanager
+def _threads_for(method: str):
+    """Randomized methods are reproducible for a seed only single-threaded."""
+    if method not in RANDOMIZED_METHODS:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

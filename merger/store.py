@@ -1,0 +1,231 @@
+"""The artifact store: model directories named by content id, published atomically, with lineage rows.
+
+Layout under ``MERGER_HOME``: ``models/<id>/`` (finished models), ``staging/<host>-<pid>-<n>/`` (work in
+progress; a model becomes visible only by one rename into ``models/``), and the SQLite database.
+"""
+
+import os
+import re
+import shutil
+import socket
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import select
+
+from merger.db import CacheRow, EdgeRow, FileRow, ModelRow, RunRow, make_sessionmaker
+from merger.errors import MergerError
+from merger.hashing import FileEntry, manifest, manifest_id
+from merger.settings import Settings
+
+HEX = re.compile(r"^[0-9a-f]{6,64}$")
+
+
+@dataclass(frozen=True)
+class Parent:
+    model_id: str
+    relation: str
+    role: str
+    weight: float | None = None
+    details: dict | None = None
+
+
+@dataclass
+class LineageNode:
+    model: ModelRow
+    relation: str | None = None
+    role: str | None = None
+    weight: float | None = None
+    parents: list["LineageNode"] = field(default_factory=list)
+
+
+class Store:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+        settings.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.session = make_sessionmaker(settings.resolved_database_url)
+        self._remove_abandoned_staging()
+
+    # --- files -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private work directory on the store's filesystem; removed afterwards whatever happens."""
+        path = self.settings.staging_dir / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def path_of(self, model: ModelRow) -> Path:
+        return Path(model.location) if model.location else self.settings.models_dir / model.id
+
+    def _remove_abandoned_staging(self) -> None:
+        """Staging dirs of dead processes on this host are leftovers of a crash."""
+        host = socket.gethostname()
+        for entry in self.settings.staging_dir.iterdir():
+            parts = entry.name.rsplit("-", 2)
+            if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # --- publishing --------------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        staged: Path,
+        *,
+        name: str | None,
+        kind: str = "model",
+        architecture: str | None = None,
+        parents: list[Parent] = (),
+        recipe: dict | None = None,
+        recipe_digest: str | None = None,
+        versions: dict | None = None,
+        origin: dict | None = None,
+    ) -> ModelRow:
+        """Move a finished directory into the store under its content id and record it (idempotent)."""
+        entries = manifest(staged)
+        model_id = manifest_id(entries)
+        dest = self.settings.models_dir / model_id
+        if dest.exists():
+            shutil.rmtree(staged)
+        else:
+            os.rename(staged, dest)
+        with self.session.begin() as s:
+            row = s.get(ModelRow, model_id)
+            if row is None or row.location is not None:
+                if row is not None:  # known before as an external directory: now it is stored
+                    row.location = None
+                else:
+                    row = self._new_row(model_id, entries, name=name, kind=kind, architecture=architecture)
+                    s.add(row)
+                row.recipe, row.recipe_digest = recipe, recipe_digest
+                row.versions, row.origin = versions, origin
+                row.parents = [
+                    EdgeRow(parent_id=p.model_id, relation=p.relation, role=p.role, weight=p.weight, position=i, details=p.details)
+                    for i, p in enumerate(parents)
+                ]
+            elif name and row.name != name:
+                row.name = name
+        return self.get(model_id)
+
+    def register_directory(self, path: Path, *, name: str | None = None, kind: str = "model", architecture: str | None = None) -> ModelRow:
+        """Record an external directory (left where it is) by content id, so lineage can point at it."""
+        entries = manifest(path)
+        model_id = manifest_id(entries)
+        with self.session.begin() as s:
+            row = s.get(ModelRow, model_id)
+            if row is None:
+                row = self._new_row(model_id, entries, name=name or path.name, kind=kind, architecture=architecture)
+                row.location = str(path)
+                s.add(row)
+            elif row.location is not None and row.location != str(path) and not Path(row.location).is_dir():
+                row.location = str(path)
+        return self.get(model_id)
+
+    @staticmethod
+    def _new_row(model_id: str, entries: list[FileEntry], **fields) -> ModelRow:
+        return ModelRow(
+            id=model_id,
+            size_bytes=sum(e.size for e in entries),
+            files=[FileRow(path=e.path, size=e.size, sha256=e.sha256) for e in entries],
+            **fields,
+        )
+
+    # --- cache and runs ---------------------------------------------------------------------------------
+
+    def cached(self, key: str) -> ModelRow | None:
+        with self.session() as s:
+            hit = s.get(CacheRow, key)
+            if hit is None:
+                return None
+            model = self.get(hit.model_id)
+        return model if model and self.path_of(model).is_dir() else None
+
+    def remember(self, key: str, model_id: str) -> None:
+        with self.session.begin() as s:
+            row = s.get(CacheRow, key)
+            if row is None:
+                s.add(CacheRow(key=key, model_id=model_id))
+            else:
+                row.model_id = model_id
+
+    def record_run(self, *, stage: str, cache_key: str, model_id: str, cache_hit: bool, seconds: float) -> None:
+        with self.session.begin() as s:
+            s.add(RunRow(stage=stage, cache_key=cache_key, model_id=model_id, cache_hit=cache_hit, seconds=seconds))
+
+    def runs(self, cache_key: str | None = None) -> list[RunRow]:
+        with self.session() as s:
+            query = select(RunRow).order_by(RunRow.id)
+            if cache_key:
+                query = query.where(RunRow.cache_key == cache_key)
+            return list(s.scalars(query))
+
+    # --- queries ------------------------------------------------------------------------------------------
+
+    def get(self, model_id: str) -> ModelRow | None:
+        with self.session() as s:
+            return s.get(ModelRow, model_id)
+
+    def find(self, ref: str) -> ModelRow | None:
+        """A model by full id, unique id prefix (6+ hex digits) or name (the newest of that name)."""
+        with self.session() as s:
+            if HEX.match(ref):
+                ids = list(s.scalars(select(ModelRow.id).where(ModelRow.id.startswith(ref)).limit(2)))
+                if len(ids) > 1:
+                    raise MergerError(f"{ref!r} is an ambiguous id prefix; give more digits")
+                if ids:
+                    return self.get(ids[0])
+            model_id = s.scalars(
+                select(ModelRow.id).where(ModelRow.name == ref).order_by(ModelRow.created_at.desc()).limit(1)
+            ).first()
+        return self.get(model_id) if model_id else None
+
+    def resolve(self, ref: str) -> ModelRow:
+        model = self.find(ref)
+        if model is None:
+            raise MergerError(f"no model {ref!r} in the store (see `merger models`)")
+        return model
+
+    def list_models(self) -> list[ModelRow]:
+        with self.session() as s:
+            return list(s.scalars(select(ModelRow).order_by(ModelRow.created_at)))
+
+    def lineage(self, model_id: str) -> LineageNode:
+        """The ancestor tree of a model (a DAG unfolded; a model reached twice appears twice)."""
+
+        def build(model: ModelRow, edge: EdgeRow | None, seen: frozenset[str]) -> LineageNode:
+            node = LineageNode(model, *(edge and (edge.relation, edge.role, edge.weight) or (None, None, None)))
+            if model.id not in seen:
+                for parent_edge in model.parents:
+                    node.parents.append(build(self.get(parent_edge.parent_id), parent_edge, seen | {model.id}))
+            return node
+
+        return build(self.get(model_id), None, frozenset())
+
+    def export(self, model: ModelRow, dest: Path) -> Path:
+        """Copy a model's files into ``dest`` (created; must not exist or be empty)."""
+        if dest.exists() and any(dest.iterdir()):
+            raise MergerError(f"{dest}: export directory is not empty")
+        dest.mkdir(parents=True, exist_ok=True)
+        source = self.path_of(model)
+        for f in model.files:
+            target = dest / f.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / f.path, target)
+        return dest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
