@@ -14,13 +14,13 @@ from rich.tree import Tree
 from merger.db import ModelRow
 from merger.errors import MergerError, RecipeError
 from merger.progress import ProgressEvent
-from merger.recipe import load_recipe
+from merger.orchestrator import load_and_check, run_recipe
 from merger.settings import Settings
 from merger.store import LineageNode, Store
 
 app = typer.Typer(help="Declarative model merging with content-hashed lineage.", no_args_is_help=True, pretty_exceptions_enable=False)
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -44,14 +44,12 @@ def model_json(model: ModelRow, store: Store) -> dict:
 @app.command()
 def validate(recipe: Path, as_json: JsonFlag = False) -> None:
     """Check a recipe and every model it references; report all problems at once (exit 2 if any)."""
-    from merger.orchestrator import validate_recipe
-
     settings, store = _context()
-    plans = validate_recipe(load_recipe(recipe, max_bytes=settings.max_recipe_bytes), settings, store)
+    names = load_and_check(recipe, settings, store).stage_names()
     if as_json:
-        out.print_json(data={"ok": True, "stages": [p.stage.name for p in plans]})
+        print(json.dumps({"ok": True, "stages": names}))
     else:
-        out.print(f"[green]ok[/]: {len(plans)} stage(s): {', '.join(p.stage.name for p in plans)}")
+        out.print(f"[green]ok[/]: {len(names)} stage(s): {', '.join(names)}")
 
 
 @app.command()
@@ -61,10 +59,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Recompute even when the result is cached.")] = False,
 ) -> None:
     """Run every stage of a recipe in this process and print the final model's id."""
-    from merger.orchestrator import run_recipe
-
     settings, store = _context()
-    parsed = load_recipe(recipe, max_bytes=settings.max_recipe_bytes)
+    parsed = load_and_check(recipe, settings, store)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(), console=err, transient=as_json, disable=not err.is_terminal and as_json,

@@ -9,16 +9,18 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from merger import __version__
 from merger.card import render_card
 from merger.db import ModelRow
 from merger.errors import MergerError, StageFailed
 from merger.hashing import digest_json
-from merger.planning import InputRef, StagePlan, plan_recipe
+from merger.planning import InputRef, StagePlan, plan_draft
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
-from merger.recipe import Recipe
+from merger.recipe import Draft, Recipe, draft_recipe
 from merger.references import Resolver
+from merger.safe_yaml import load_recipe_file
 from merger.settings import Settings
 from merger.stages import STAGE_RUNNERS
 from merger.store import Parent, Store
@@ -37,9 +39,16 @@ def software_versions() -> dict[str, str]:
     return {"merger": __version__, **versions}
 
 
-def validate_recipe(recipe: Recipe, settings: Settings, store: Store) -> list[StagePlan]:
-    """Resolve and check every input of every stage; raises ``RecipeError`` listing all problems."""
-    return plan_recipe(recipe, Resolver(settings, store))
+def check_recipe(data: Any, settings: Settings, store: Store, *, default_name: str) -> Recipe:
+    """Parse raw recipe data and check every input of every stage; ``RecipeError`` lists all problems."""
+    draft = draft_recipe(data, default_name=default_name)
+    plan_draft(draft, Resolver(settings, store))
+    return draft.recipe()
+
+
+def load_and_check(path: Path, settings: Settings, store: Store) -> Recipe:
+    data = load_recipe_file(path, max_bytes=settings.max_recipe_bytes)
+    return check_recipe(data, settings, store, default_name=path.stem)
 
 
 def run_recipe(
@@ -51,7 +60,7 @@ def run_recipe(
     report: Reporter = no_report,
     should_cancel: CancelCheck = never_cancel,
 ) -> list[StageResult]:
-    plans = validate_recipe(recipe, settings, store)
+    plans = plan_draft(Draft(stages=list(enumerate(recipe.stages)), names=recipe.stage_names()), Resolver(settings, store))
     versions = software_versions()
     outputs: dict[str, ModelRow] = {}
     results = []

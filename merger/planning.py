@@ -3,12 +3,13 @@
 Checks read only configs and safetensors headers. All problems of all stages are reported together.
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from merger.errors import Problem, RecipeError
 from merger.modelfiles import ModelInfo
-from merger.recipe import Recipe
+from merger.recipe import Draft
 from merger.references import Resolver, Source
 
 
@@ -43,17 +44,28 @@ class PlanContext:
         return frozenset(self.outputs)
 
 
-def plan_recipe(recipe: Recipe, resolver: Resolver) -> list[StagePlan]:
+def plan_draft(draft: Draft, resolver: Resolver) -> list[StagePlan]:
+    """Plan every valid stage of a draft; raise ``RecipeError`` with the draft's and the plan's problems."""
     from merger.stages import STAGE_RUNNERS
 
     context = PlanContext(resolver)
-    plans, problems = [], []
-    for i, stage in enumerate(recipe.stages):
-        plan, stage_problems = STAGE_RUNNERS[stage.kind].plan(stage, ("stages", i, stage.kind), context)
-        problems += stage_problems
-        context.outputs[stage.name] = plan.output_info if plan else None
+    plans, problems = [], list(draft.problems)
+    valid = dict(draft.stages)
+    for i, name in enumerate(draft.names):
+        stage = valid.get(i)
+        plan = None
+        if stage is not None:
+            plan, stage_problems = STAGE_RUNNERS[stage.kind].plan(stage, ("stages", i, stage.kind), context)
+            problems += stage_problems
+        if name:
+            context.outputs[name] = plan.output_info if plan else None
         if plan:
             plans.append(plan)
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(sorted(problems, key=_stage_index))
     return plans
+
+
+def _stage_index(problem: Problem) -> int:
+    match = re.match(r"stages\[(\d+)\]", problem.loc)
+    return int(match.group(1)) if match else -1

@@ -8,7 +8,7 @@ A recipe is either a plain mergekit merge config (one ``merge`` stage named afte
 """
 
 import typing
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from mergekit.config import MergeConfiguration
@@ -17,7 +17,6 @@ from mergekit.merge_methods.base import BasePolicy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from merger.errors import Problem, RecipeError, format_loc
-from merger.safe_yaml import load_recipe_file
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 RANDOMIZED_METHODS = frozenset({"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
@@ -58,35 +57,54 @@ class Recipe(_Strict):
         return [s.name for s in self.stages]
 
 
+@dataclass
+class Draft:
+    """What could be parsed of a recipe: the valid stages with their index, every stage name, the problems."""
+
+    stages: list[tuple[int, Any]] = field(default_factory=list)
+    names: list[str | None] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def recipe(self) -> Recipe:
+        if self.problems:
+            raise RecipeError(self.problems)
+        return Recipe(stages=[stage for _, stage in self.stages])
+
+
 def parse_recipe(data: Any, *, default_name: str) -> Recipe:
     """Validate raw recipe data; raise ``RecipeError`` listing every problem with its field path."""
+    return draft_recipe(data, default_name=default_name).recipe()
+
+
+def draft_recipe(data: Any, *, default_name: str) -> Draft:
+    """Parse as much of a recipe as is valid, so that later checks can run on the valid stages."""
     if isinstance(data, dict) and "stages" not in data and "merge_method" in data:
         data = _plain_mergekit_config_as_recipe(data, default_name)
+    draft = Draft()
     if not isinstance(data, dict):
-        raise RecipeError([Problem("", "a recipe is a mapping: a mergekit config or `stages: [...]`")])
-    problems: list[Problem] = []
+        draft.problems.append(Problem("", "a recipe is a mapping: a mergekit config or `stages: [...]`"))
+        return draft
     unknown = sorted(set(data) - {"stages"})
-    problems += [Problem(key, "unknown field (a recipe has `stages:`, or is a plain mergekit config)") for key in unknown]
+    draft.problems += [Problem(key, "unknown field (a recipe has `stages:`, or is a plain mergekit config)") for key in unknown]
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
-        problems.append(Problem("stages", "must be a non-empty list of stages"))
-        raise RecipeError(problems)
+        draft.problems.append(Problem("stages", "must be a non-empty list of stages"))
+        return draft
 
-    stages = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_stages):
         loc = ("stages", i)
+        name = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else None
+        draft.names.append(name)
+        if name in seen:
+            draft.problems.append(Problem(format_loc(loc + ("name",)), f"duplicate stage name {name!r} (also stages[{seen[name]}])"))
+        elif name:
+            seen[name] = i
         stage, stage_problems = _parse_stage(raw, loc)
-        problems += stage_problems
-        if stage is None:
-            continue
-        if stage.name in seen:
-            problems.append(Problem(format_loc(loc + ("name",)), f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}])"))
-        seen.setdefault(stage.name, i)
-        stages.append(stage)
-    if problems:
-        raise RecipeError(problems)
-    return Recipe(stages=stages)
+        draft.problems += stage_problems
+        if stage is not None:
+            draft.stages.append((i, stage))
+    return draft
 
 
 def _plain_mergekit_config_as_recipe(config: dict, name: str) -> dict:
@@ -113,7 +131,7 @@ def _parse_stage(raw: Any, loc: tuple) -> tuple[Any, list[Problem]]:
         problems = [Problem(format_loc(loc + tuple(e["loc"])), e["msg"]) for e in exc.errors()
                     if not (len(e["loc"]) > 1 and e["loc"][0] == kinds[0])] + problems
         return None, problems
-    return (None if problems else stage), problems
+    return stage, problems  # planned even with problems, so that its references get checked too
 
 
 # --- mergekit configs: strict keys, known methods and parameters ---------------------------------------
@@ -207,8 +225,3 @@ def _nested(annotation: Any, value: Any, loc: tuple):
 def _dedupe(problems: list[Problem]) -> list[Problem]:
     return list(dict.fromkeys(problems))
 
-
-def load_recipe(path: Path | str, *, max_bytes: int) -> Recipe:
-    """Read and validate a recipe file (YAML or JSON); the file stem names a plain mergekit config's stage."""
-    path = Path(path)
-    return parse_recipe(load_recipe_file(path, max_bytes=max_bytes), default_name=path.stem)

@@ -37,7 +37,10 @@ class _RefSlots:
 
 
 def plan(stage: MergeStage, loc: tuple, context: PlanContext) -> tuple[StagePlan | None, list[Problem]]:
-    config = stage.config
+    try:
+        config = stage.config
+    except Exception:  # noqa: BLE001 - mergekit's validation errors were already reported by the schema
+        return None, []
     problems: list[Problem] = []
     inputs: list[InputRef] = []
     infos: dict[int, ModelInfo | None] = {}
@@ -79,10 +82,8 @@ def plan(stage: MergeStage, loc: tuple, context: PlanContext) -> tuple[StagePlan
     base_index = next((i for i, inp in enumerate(inputs) if inp.role == "base"), 0)
     base_info = infos.get(base_index)
     problems += _compatibility(config, loc, inputs, infos, base_info)
-    if problems:
-        return None, problems
     output_info = base_info if config.models else None
-    return StagePlan(stage, inputs, output_info, details), []
+    return StagePlan(stage, inputs, output_info, details), problems
 
 
 def _inspect(source, context: PlanContext, where: str, problems: list[Problem]) -> ModelInfo | None:
