@@ -1,7 +1,8 @@
 """Model references in recipes, resolved in a fixed order:
 
 1. the name of an earlier stage of the same recipe;
-2. a model in merger's store, by id, unique id prefix, or name;
+2. a model in merger's store, by id, unique id prefix, or name (external directories are not looked up
+   by name: they are re-read, so a changed directory is seen as changed);
 3. a directory under one of the model roots (``MERGER_MODEL_ROOTS``); relative paths are tried against
    each root, and nothing may leave the roots (``..``, absolute paths and symlinks are checked after
    resolution);
@@ -41,7 +42,7 @@ class Resolver:
         if revision is None and text in stages:
             return Source("stage", stage=text)
         if revision is None:
-            model = self.store.find(text)
+            model = self.store.find(text, stored_only=True)
             if model is not None:
                 return Source("store", path=self.store.path_of(model), model_id=model.id)
         local = self._under_roots(text)

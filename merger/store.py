@@ -172,17 +172,21 @@ class Store:
         with self.session() as s:
             return s.get(ModelRow, model_id)
 
-    def find(self, ref: str) -> ModelRow | None:
-        """A model by full id, unique id prefix (6+ hex digits) or name (the newest of that name)."""
+    def find(self, ref: str, *, stored_only: bool = False) -> ModelRow | None:
+        """A model by full id, unique id prefix (6+ hex digits) or name (the newest of that name).
+
+        ``stored_only`` skips external directories, whose content may have changed since they were seen.
+        """
+        scope = ModelRow.location.is_(None) if stored_only else ModelRow.id.is_not(None)
         with self.session() as s:
             if HEX.match(ref):
-                ids = list(s.scalars(select(ModelRow.id).where(ModelRow.id.startswith(ref)).limit(2)))
+                ids = list(s.scalars(select(ModelRow.id).where(scope, ModelRow.id.startswith(ref)).limit(2)))
                 if len(ids) > 1:
                     raise MergerError(f"{ref!r} is an ambiguous id prefix; give more digits")
                 if ids:
                     return self.get(ids[0])
             model_id = s.scalars(
-                select(ModelRow.id).where(ModelRow.name == ref).order_by(ModelRow.created_at.desc()).limit(1)
+                select(ModelRow.id).where(scope, ModelRow.name == ref).order_by(ModelRow.created_at.desc()).limit(1)
             ).first()
         return self.get(model_id) if model_id else None
 
