@@ -53,6 +53,14 @@ def validate(recipe: Path, as_json: JsonFlag = False) -> None:
 
 
 @app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema (docs/recipe.schema.json is this output)."""
+    from merger.recipe import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+
+
+@app.command()
 def run(
     recipe: Path,
     as_json: JsonFlag = False,

@@ -49,7 +49,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] | No
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     say = log or (lambda _message: None)
-    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
+    gguf_path, out_dir = Path(gguf_path).absolute(), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output directory {out_dir} is not empty")
 
@@ -62,22 +62,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] | No
     AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(out_dir)
 
     say("loading and dequantizing weights")
-    gguf_model = AutoModelForCausalLM.from_pretrained(
+    # dequantize=True yields a plain dense model (no GGUF quantization config), which save_pretrained accepts.
+    model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent),
         gguf_file=gguf_path.name,
         dtype=torch.bfloat16,
         quantization_config=GgufConfig(dequantize=True),
     )
-    # save_pretrained refuses GGUF-flagged models: move the weights into a plain model of the same config.
-    config = gguf_model.config
-    del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
-    model.tie_weights()
-    model.generation_config = gguf_model.generation_config
-    del gguf_model
-
     say("saving model.safetensors")
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="1000GB")
     return {

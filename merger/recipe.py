@@ -225,3 +225,26 @@ def _nested(annotation: Any, value: Any, loc: tuple):
 def _dedupe(problems: list[Problem]) -> list[Problem]:
     return list(dict.fromkeys(problems))
 
+
+
+def recipe_json_schema() -> dict:
+    """JSON Schema of a recipe: the ``stages`` form or a plain mergekit config, as merger enforces them."""
+    schema = Recipe.model_json_schema()
+    mergekit = MergeConfiguration.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    defs.update(mergekit.pop("$defs"))
+    for definition in defs.values():  # merger rejects unknown keys in mergekit configs too
+        if definition.get("type") == "object" and "properties" in definition:
+            definition.setdefault("additionalProperties", False)
+    for reference in ("ModelReference", "ModelPath"):
+        defs[reference] = {
+            "anyOf": [{"type": "string", "description": "path, store id or name, stage name, or org/name[@rev]; `model+lora` adds a LoRA"}, defs[reference]]
+        }
+    defs["MergeConfiguration"] = {**mergekit, "additionalProperties": False}
+    defs["MergeStage"]["properties"]["merge"] = {"$ref": "#/$defs/MergeConfiguration", "description": MergeStage.model_fields["merge"].description}
+    seed = {"type": "integer", "description": MergeStage.model_fields["seed"].description}
+    plain = {**defs["MergeConfiguration"], "title": "Plain mergekit config", "properties": {**mergekit["properties"], "seed": seed}}
+    staged = {key: schema.pop(key) for key in ("properties", "required", "type", "additionalProperties") if key in schema}
+    schema["oneOf"] = [{"title": "Staged recipe", **staged}, plain]
+    schema["title"] = "merger recipe"
+    return schema

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs merger with its test and Gemma extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned: the CPU build on this machine's disk (an unpinned torch pulls GBs of CUDA wheels)
+.venv/bin/python -m pip install -q "torch==${MERGER_TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev,gemma]"
