@@ -1,0 +1,216 @@
+"""Benchmark `merger run` against the real `mergekit-yaml` on Gemma 3 270M.
+
+One command, from the repo root:
+
+    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties] [--work DIR]
+
+1. prepare: import Gemma 3 270M into a benchmark store and copy it to <work>/models/base; fold each
+   fixture LoRA adapter into it (float32, saved as bf16) as <work>/models/ft-{sentiment,json}.
+   Every step whose output exists is skipped.
+2. for each method, run both CLIs end to end (Python start-up included) on the same merge, in
+   alternating order, measuring each child's wall time and peak RSS (os.wait4 reports the usage
+   of that one child).
+3. check that merger's output tensors are bit-identical to mergekit's; print a table and write
+   the rows to <work>/results.json.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file
+
+METHODS = ("linear", "slerp", "ties", "dare_ties")
+ADAPTERS = Path("/work/shared/fixtures/adapters")
+FINE_TUNES = ("sentiment", "json")
+SEED = 42
+BIN = Path(sys.executable).parent  # the venv's bin: mergekit-yaml and merger live next to python
+console = Console()
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss_gb: float
+    stdout: str
+
+
+@dataclass
+class Row:
+    method: str
+    mergekit_s: float
+    merger_s: float
+    time_ratio: float
+    mergekit_rss_gb: float
+    merger_rss_gb: float
+    rss_ratio: float
+    outputs_equal: bool
+
+
+# -----------------------------------------------------------------------------
+# running a command alone, measured
+
+
+def measure(cmd: list[str], env: dict[str, str], log: Path) -> Measured:
+    """Run cmd to completion; its wall time and peak RSS (children it waited for included)."""
+    with open(log.with_suffix(".out"), "w+") as out, open(log.with_suffix(".err"), "w") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        stdout = out.read()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log.with_suffix('.err')}")
+    return Measured(seconds, usage.ru_maxrss * 1024 / 1e9, stdout)  # ru_maxrss is in KiB on Linux
+
+
+def merger_env(work: Path) -> dict[str, str]:
+    return os.environ | {"MERGER_HOME": str(work / "home"), "MERGER_MODEL_ROOTS": str(work / "models")}
+
+
+# -----------------------------------------------------------------------------
+# inputs: base + two full fine-tunes, cached in <work>/models
+
+
+def build(out: Path, make: Callable[[Path], None]) -> None:
+    """make(tmp) writes a model dir; it becomes `out` only once complete, so reruns skip it."""
+    if out.exists():
+        console.print(f"cached: {out}")
+        return
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    console.print(f"building {out} ...")
+    make(tmp)
+    tmp.rename(out)
+
+
+def import_base(work: Path, dest: Path) -> None:
+    env = merger_env(work)
+    result = subprocess.run([str(BIN / "merger"), "import-gguf", "--json"], env=env, capture_output=True, text=True, check=True)
+    shutil.copytree(json.loads(result.stdout)["path"], dest, copy_function=shutil.copyfile)
+
+
+def fold(base: Path, adapter: Path, dest: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.to(torch.bfloat16).save_pretrained(dest, safe_serialization=True)
+    for tokenizer_file in base.glob("tokenizer*"):
+        shutil.copyfile(tokenizer_file, dest / tokenizer_file.name)
+
+
+def prepare(work: Path) -> Path:
+    models = work / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    build(models / "base", lambda tmp: import_base(work, tmp))
+    for task in FINE_TUNES:
+        build(models / f"ft-{task}", lambda tmp, task=task: fold(models / "base", ADAPTERS / task, tmp))
+    return models
+
+
+# -----------------------------------------------------------------------------
+# configs: the same merge, with absolute paths for mergekit and root-relative names for merger
+
+
+def merge_config(method: str, model: Callable[[str], str]) -> dict:
+    base, sentiment, json_ = model("base"), model("ft-sentiment"), model("ft-json")
+    if method == "linear":
+        spec = {"models": [{"model": m, "parameters": {"weight": 0.5}} for m in (sentiment, json_)]}
+    elif method == "slerp":
+        spec = {"base_model": sentiment, "models": [{"model": sentiment}, {"model": json_}], "parameters": {"t": 0.5}}
+    else:  # ties, dare_ties
+        spec = {"base_model": base, "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in (sentiment, json_)]}
+    return {"merge_method": method, **spec, "dtype": "bfloat16"}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# one method: both CLIs, alternating who goes first
+
+
+def bench(method: str, order: int, work: Path, models: Path) -> Row:
+    runs = work / "runs" / method
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    mergekit_out = runs / "mergekit-out"
+    mergekit_cfg = write_yaml(runs / "mergekit.yaml", merge_config(method, lambda name: str(models / name)))
+    merger_cfg = write_yaml(runs / "merger.yaml", merge_config(method, lambda name: name) | {"seed": SEED})
+
+    def run_mergekit() -> Measured:
+        cmd = [str(BIN / "mergekit-yaml"), str(mergekit_cfg), str(mergekit_out), "--random-seed", str(SEED)]
+        return measure(cmd, dict(os.environ), runs / "mergekit")
+
+    def run_merger() -> Measured:
+        cmd = [str(BIN / "merger"), "run", str(merger_cfg), "--force", "--json"]
+        return measure(cmd, merger_env(work), runs / "merger")
+
+    console.print(f"[bold]{method}[/]: {'mergekit-yaml, then merger' if order % 2 == 0 else 'merger, then mergekit-yaml'}")
+    if order % 2 == 0:
+        mk, mg = run_mergekit(), run_merger()
+    else:
+        mg, mk = run_merger(), run_mergekit()
+
+    equal = same_tensors(mergekit_out / "model.safetensors", Path(json.loads(mg.stdout)["path"]) / "model.safetensors")
+    console.print(f"  outputs equal: {'[green]yes' if equal else '[red]NO'}[/]")
+    return Row(
+        method,
+        round(mk.seconds, 2), round(mg.seconds, 2), round(mg.seconds / mk.seconds, 3),
+        round(mk.peak_rss_gb, 3), round(mg.peak_rss_gb, 3), round(mg.peak_rss_gb / mk.peak_rss_gb, 3),
+        equal,
+    )
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    ta, tb = load_file(a), load_file(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work", help="inputs, outputs, store, results")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    if unknown := set(methods) - set(METHODS):
+        parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    work = args.work.resolve()
+
+    console.print(f"cores: {os.cpu_count()}  mergekit {version('mergekit')}  torch {version('torch')}  transformers {version('transformers')}")
+    models = prepare(work)
+    rows = [bench(method, i, work, models) for i, method in enumerate(methods)]
+
+    table = Table(title="merger run vs mergekit-yaml (end-to-end CLI, Gemma 3 270M, base + 2 fine-tunes)")
+    for header in ("method", "mergekit-yaml s", "merger s", "time ratio", "mergekit peak RSS GB", "merger peak RSS GB", "RSS ratio", "outputs equal"):
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for r in rows:
+        table.add_row(*(str(v) for v in asdict(r).values()))
+    console.print(table)
+    (work / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    console.print(f"rows written to {work / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
