@@ -6,6 +6,7 @@ loads a pickle.
 """
 
 import importlib.resources
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from mergekit._data import chat_templates
 from mergekit.common import ModelPath, ModelReference
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
+from transformers.utils import logging as hf_logging
 
 from merger.errors import Cancelled, Problem, format_loc
 from merger.mergekit_refs import map_references, walk_references
@@ -167,7 +169,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
         quiet=True,
     )
     LoaderCache.loaders.clear()  # process-wide; would serve stale weights for a rewritten path
-    with _observed_executor(stage.name, report, should_cancel), _threads_for(config.merge_method):
+    with _observed_executor(stage.name, report, should_cancel), _threads_for(config.merge_method), _quiet_transformers():
         mergekit.merge.run_merge(config, str(out_dir), options=options)
     LoaderCache.loaders.clear()
     return plan.output_info.architecture if plan.output_info else None
@@ -193,6 +195,18 @@ def _observed_executor(stage: str, report: Reporter, should_cancel: CancelCheck)
         yield
     finally:
         mergekit.merge.Executor = original
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' own progress bars and deprecation chatter would interleave with merger's progress."""
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 @contextmanager
