@@ -154,7 +154,8 @@ def bench(method: str, order: int, work: Path, models: Path) -> Row:
     runs.mkdir(parents=True)
     mergekit_out = runs / "mergekit-out"
     mergekit_cfg = write_yaml(runs / "mergekit.yaml", merge_config(method, lambda name: str(models / name)))
-    merger_cfg = write_yaml(runs / "merger.yaml", merge_config(method, lambda name: name) | {"seed": SEED})
+    # merger names its output after the recipe file: bench-<method> in the store
+    merger_cfg = write_yaml(runs / f"bench-{method}.yaml", merge_config(method, lambda name: name) | {"seed": SEED})
 
     def run_mergekit() -> Measured:
         cmd = [str(BIN / "mergekit-yaml"), str(mergekit_cfg), str(mergekit_out), "--random-seed", str(SEED)]
@@ -204,7 +205,7 @@ def main() -> None:
 
     table = Table(title="merger run vs mergekit-yaml (end-to-end CLI, Gemma 3 270M, base + 2 fine-tunes)")
     for header in ("method", "mergekit-yaml s", "merger s", "time ratio", "mergekit peak RSS GB", "merger peak RSS GB", "RSS ratio", "outputs equal"):
-        table.add_column(header, justify="left" if header == "method" else "right")
+        table.add_column(header, justify="left" if header == "method" else "right", overflow="fold")
     for r in rows:
         table.add_row(*(str(v) for v in asdict(r).values()))
     console.print(table)

@@ -137,3 +137,34 @@ def test_store_on_postgresql(settings, postgres_url, monkeypatch):
     assert pg_store.find(final.model.id[:10]).id == final.model.id
     assert {e.parent.name for e in pg_store.get(final.model.id).parents} == {"blend", "gemma3-ft2", "gemma3-base"}
     pg_store.session.kw["bind"].dispose()
+
+
+def test_recipes_refer_to_stored_models_by_name_and_id_prefix(settings, store, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.tiny_models import write_yaml
+
+    blend, _final = run(TWO_STAGES, settings, store)
+    by_name = {"merge_method": "linear", "models": [{"model": "blend", "parameters": {"weight": 0.5}},
+                                                    {"model": "gemma3-base", "parameters": {"weight": 0.5}}]}
+    by_id = {**by_name, "models": [{"model": blend.model.id[:10], "parameters": {"weight": 0.5}}, by_name["models"][1]]}
+    [a] = run(by_name, settings, store)
+    [b] = run(by_id, settings, store)
+    weights = lambda m: {f.path: f.sha256 for f in m.files if f.path.endswith(".safetensors")}  # noqa: E731
+    assert weights(a.model) == weights(b.model)  # same inputs; the cards differ (they quote the recipe)
+    assert {e.parent_id for e in a.model.parents} >= {blend.model.id}
+
+    merger = str(Path(sys.executable).parent / "merger")
+    tree = json.loads(subprocess.run([merger, "lineage", a.model.id[:8], "--json"], capture_output=True, text=True, check=True).stdout)
+    blend_node = next(p for p in tree["parents"] if p["id"] == blend.model.id)
+    assert sorted(p["name"] for p in blend_node["parents"]) == ["gemma3-ft1", "gemma3-ft2"]
+    shown = json.loads(subprocess.run([merger, "show", "blend", "--json"], capture_output=True, text=True, check=True).stdout)
+    assert shown["id"] == blend.model.id and shown["recipe"]["merge"]["merge_method"] == "linear"
+    out = tmp_path / "exported"
+    subprocess.run([merger, "export", "blend", str(out)], check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f["path"] for f in shown["files"])
+    missing = subprocess.run([merger, "show", "nope"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no model 'nope'" in missing.stderr and "Traceback" not in missing.stderr
