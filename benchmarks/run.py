@@ -33,7 +33,8 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 METHODS = ("linear", "slerp", "ties", "dare_ties")
-ADAPTERS = Path("/work/shared/fixtures/adapters")
+# the LoRA fixtures live beside the checkout (../shared/fixtures), as on every developer and CI machine
+ADAPTERS = Path(os.environ.get("MERGER_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "adapters"
 FINE_TUNES = ("sentiment", "json")
 SEED = 42
 BIN = Path(sys.executable).parent  # the venv's bin: mergekit-yaml and merger live next to python
