@@ -14,6 +14,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every datetime merger writes is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -32,6 +37,7 @@ class ModelRow(Base):
     recipe_digest: Mapped[str | None] = mapped_column(String(64))
     versions: Mapped[dict | None] = mapped_column(JSON)
     origin: Mapped[dict | None] = mapped_column(JSON, comment="where an imported model came from")
+    public: Mapped[bool] = mapped_column(Boolean, default=False, comment="visible to every user of the service")
 
     files: Mapped[list["FileRow"]] = relationship(
         back_populates="model", cascade="all, delete-orphan", order_by="FileRow.path", lazy="selectin"
@@ -89,6 +95,67 @@ class RunRow(Base):
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class UserRow(Base):
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True, comment="tokens are stored hashed")
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class GrantRow(Base):
+    """A user may see a model: they own a job that produced it, or registered it."""
+
+    __tablename__ = "model_grants"
+
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), primary_key=True)
+
+
+class JobRow(Base):
+    """A submitted recipe. The database, not the broker, is the source of truth for jobs."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("users.name"), index=True)
+    state: Mapped[str] = mapped_column(String(20), index=True, comment="queued | running | succeeded | failed | cancelled")
+    recipe: Mapped[dict] = mapped_column(JSON)
+    recipe_name: Mapped[str] = mapped_column(String(200))
+    force: Mapped[bool] = mapped_column(Boolean, default=False)
+    queue: Mapped[str] = mapped_column(String(20), default="cpu")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    stage: Mapped[str | None] = mapped_column(String(200))
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id"))
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    error_message: Mapped[str | None] = mapped_column(String(4000))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), comment="database lease (no Redis)")
+
+
+class WorkerRow(Base):
+    """Workers announce themselves, so the API knows whether a GPU queue has anyone listening."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queues: Mapped[list] = mapped_column(JSON)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def make_sessionmaker(url: str) -> sessionmaker:
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
@@ -105,4 +172,5 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-__all__ = ["Base", "ModelRow", "FileRow", "EdgeRow", "CacheRow", "RunRow", "make_sessionmaker", "Engine"]
+__all__ = ["Base", "ModelRow", "FileRow", "EdgeRow", "CacheRow", "RunRow", "UserRow", "TokenRow", "GrantRow", "JobRow",
+           "WorkerRow", "make_sessionmaker", "Engine"]

@@ -60,15 +60,37 @@ def run_recipe(
     report: Reporter = no_report,
     should_cancel: CancelCheck = never_cancel,
 ) -> list[StageResult]:
-    plans = plan_draft(Draft(stages=list(enumerate(recipe.stages)), names=recipe.stage_names()), Resolver(settings, store))
     versions = software_versions()
     outputs: dict[str, ModelRow] = {}
     results = []
-    for plan in plans:
+    for plan in _plans(recipe, settings, store):
         result = _run_stage(plan, outputs, settings, store, versions, force, report, should_cancel)
         outputs[plan.stage.name] = result.model
         results.append(result)
     return results
+
+
+def cached_results(recipe: Recipe, settings: Settings, store: Store) -> list[ModelRow] | None:
+    """Every stage's output if all of them are cached, else None; runs nothing."""
+    versions = software_versions()
+    outputs: dict[str, ModelRow] = {}
+    for plan in _plans(recipe, settings, store):
+        inputs = [_input_model(inp, outputs, store) for inp in plan.inputs]
+        model = store.cached(_cache_key(plan, inputs, versions))
+        if model is None:
+            return None
+        outputs[plan.stage.name] = model
+    return list(outputs.values())
+
+
+def _plans(recipe: Recipe, settings: Settings, store: Store) -> list[StagePlan]:
+    return plan_draft(Draft(stages=list(enumerate(recipe.stages)), names=recipe.stage_names()), Resolver(settings, store))
+
+
+def _cache_key(plan: StagePlan, inputs: list[ModelRow], versions: dict) -> str:
+    """Same stage recipe, same input content, same software: same output."""
+    stage = plan.stage.model_dump(mode="json")
+    return digest_json({"stage": stage, "inputs": [[i.loc, i.role, m.id] for i, m in zip(plan.inputs, inputs)], "versions": versions})
 
 
 def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings, store: Store,
@@ -78,7 +100,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
     report(ProgressEvent(stage.name, "start"))
     inputs = [_input_model(inp, outputs, store) for inp in plan.inputs]
     normalized = stage.model_dump(mode="json")
-    key = digest_json({"stage": normalized, "inputs": [[i.loc, i.role, m.id] for i, m in zip(plan.inputs, inputs)], "versions": versions})
+    key = _cache_key(plan, inputs, versions)
 
     cached = None if force else store.cached(key)
     if cached is not None:

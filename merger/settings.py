@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     max_recipe_bytes: int = Field(default=256 * 1024, description="Largest recipe file accepted")
     hf_cache_dir: Path | None = Field(default=None, description="Hugging Face cache for org/name@rev references")
 
+    # the service (merger serve / merger worker)
+    broker_url: str | None = Field(default=None, description="Celery broker, e.g. redis://host:6379/0; default: SQLite under home")
+    single_user: bool = Field(default=False, description="Serve without tokens: every request acts as user 'local'")
+    lease_seconds: float = Field(default=30.0, description="A running job's lease; renewed every third of it")
+    reaper_interval: float = Field(default=10.0, description="How often the API re-enqueues jobs whose lease lapsed")
+    visibility_timeout: int = Field(default=6 * 3600, description="Redis redelivery timeout; longer than the longest job")
+
     @field_validator("model_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
@@ -41,6 +48,14 @@ class Settings(BaseSettings):
     @cached_property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'merger.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.resolved_broker_url.startswith(("redis://", "rediss://"))
 
     @property
     def models_dir(self) -> Path:

@@ -1,0 +1,50 @@
+"""API tokens (stored as sha256 hashes) and who may see which model."""
+
+import hashlib
+import secrets
+
+from sqlalchemy import exists, or_, select
+from sqlalchemy.orm import Session
+
+from merger.db import GrantRow, ModelRow, TokenRow, UserRow
+
+SINGLE_USER = "local"
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def ensure_user(s: Session, name: str) -> None:
+    if s.get(UserRow, name) is None:
+        s.add(UserRow(name=name))
+        s.flush()
+
+
+def create_token(s: Session, user: str) -> str:
+    """A new token for ``user`` (created if new); only its hash is kept, so it is shown once."""
+    ensure_user(s, user)
+    token = "mrg_" + secrets.token_urlsafe(32)
+    s.add(TokenRow(sha256=_digest(token), user=user))
+    return token
+
+
+def user_for_token(s: Session, token: str) -> str | None:
+    row = s.get(TokenRow, _digest(token))
+    return row.user if row else None
+
+
+def grant(s: Session, model_ids: list[str], user: str) -> None:
+    for model_id in model_ids:
+        if s.get(GrantRow, (model_id, user)) is None:
+            s.add(GrantRow(model_id=model_id, user=user))
+
+
+def can_see(s: Session, model_id: str, user: str) -> bool:
+    return bool(s.scalar(select(visible_to(user)).where(ModelRow.id == model_id)))
+
+
+def visible_to(user: str):
+    """SQL condition: the model is public or granted to ``user``."""
+    granted = exists().where(GrantRow.model_id == ModelRow.id, GrantRow.user == user)
+    return or_(ModelRow.public.is_(True), granted)

@@ -1,0 +1,182 @@
+"""Jobs: submitted recipes, queued to workers, run by the orchestrator, recorded in the database.
+
+The database is the source of truth: a job's state moves queued -> running -> succeeded | failed |
+cancelled only here. The broker only carries "run job <id>" messages, which may arrive twice or never
+(a killed worker); the lease and the reaper make up for both.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from merger.db import JobRow, WorkerRow, utcnow
+from merger.errors import Cancelled, MergerError, RecipeError
+from merger.orchestrator import cached_results, check_recipe, run_recipe
+from merger.progress import ProgressEvent
+from merger.service.auth import ensure_user, grant
+from merger.service.leases import LeaseKeeper, Leases, make_leases
+from merger.settings import Settings
+from merger.store import Store
+
+LOG = logging.getLogger(__name__)
+FINAL = frozenset({"succeeded", "failed", "cancelled"})
+WRITE_EVERY = 0.5  # seconds between progress writes and cancel checks
+WORKER_ALIVE = timedelta(seconds=60)
+
+Enqueue = Callable[[str, str], None]  # (job id, queue)
+
+
+class Jobs:
+    def __init__(self, settings: Settings, store: Store, enqueue: Enqueue, leases: Leases | None = None):
+        self.settings, self.store, self.enqueue = settings, store, enqueue
+        self.session = store.session
+        self.leases = leases or make_leases(settings, store.session)
+
+    # --- API side ----------------------------------------------------------------------------------------
+
+    def submit(self, owner: str, recipe: dict, *, name: str, force: bool = False, gpu: bool = False) -> JobRow:
+        """Check the recipe (``RecipeError`` lists all problems); a fully cached recipe succeeds at once."""
+        parsed = check_recipe(recipe, self.settings, self.store, default_name=name)
+        cached = None if force else cached_results(parsed, self.settings, self.store)
+        job = JobRow(id=uuid.uuid4().hex, owner=owner, recipe=recipe, recipe_name=name, force=force,
+                     queue="gpu" if gpu and self.gpu_workers_alive() else "cpu", state="queued")
+        if cached:
+            job.state, job.model_id, job.finished_at = "succeeded", cached[-1].id, utcnow()
+        with self.session.begin() as s:
+            ensure_user(s, owner)
+            s.add(job)
+            if cached:
+                grant(s, [m.id for m in cached], owner)
+        if not cached:
+            self.enqueue(job.id, job.queue)
+        return self.get(job.id)
+
+    def get(self, job_id: str, owner: str | None = None) -> JobRow | None:
+        with self.session() as s:
+            job = s.get(JobRow, job_id)
+        return job if job and (owner is None or job.owner == owner) else None
+
+    def list(self, owner: str) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.owner == owner).order_by(JobRow.created_at.desc())))
+
+    def cancel(self, job_id: str) -> JobRow:
+        """A queued job is cancelled at once; a running one at its next tensor or stage boundary."""
+        with self.session.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "queued")
+                      .values(state="cancelled", finished_at=utcnow(), cancel_requested=True))
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "running").values(cancel_requested=True))
+        return self.get(job_id)
+
+    def gpu_workers_alive(self) -> bool:
+        with self.session() as s:
+            workers = s.scalars(select(WorkerRow).where(WorkerRow.last_seen > utcnow() - WORKER_ALIVE))
+            return any("gpu" in w.queues for w in workers)
+
+    def reap(self) -> list[str]:
+        """Re-enqueue running jobs whose lease lapsed (their worker died); returns their ids."""
+        with self.session() as s:
+            running = list(s.scalars(select(JobRow.id).where(JobRow.state == "running")))
+        requeued = []
+        for job_id in running:
+            if self.leases.held(job_id):
+                continue
+            with self.session.begin() as s:
+                result = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "running")
+                                   .values(state="queued", stage=None, done=0, total=0, worker=None, lease_until=None))
+            if result.rowcount:
+                job = self.get(job_id)
+                LOG.warning("job %s: lease lapsed (worker lost); re-enqueued", job_id)
+                self.enqueue(job_id, job.queue)
+                requeued.append(job_id)
+        return requeued
+
+    # --- worker side -------------------------------------------------------------------------------------
+
+    def execute(self, job_id: str) -> None:
+        """Run a job if it still needs running and nobody else runs it; record the outcome."""
+        job = self.get(job_id)
+        if job is None or job.state in FINAL:
+            return
+        with LeaseKeeper(self.leases, job_id, self.settings.lease_seconds) as keeper:
+            if keeper is None:
+                LOG.info("job %s: another worker holds the lease; leaving it", job_id)
+                return
+            with self.session.begin() as s:
+                started = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "queued", JobRow.cancel_requested.is_(False))
+                                    .values(state="running", started_at=utcnow(), worker=keeper.holder, attempts=JobRow.attempts + 1))
+            if not started.rowcount:
+                return
+            self._run(job, keeper)
+
+    def _run(self, job: JobRow, keeper: LeaseKeeper) -> None:
+        progress = _Progress(self.session, job.id, keeper)
+        try:
+            recipe = check_recipe(job.recipe, self.settings, self.store, default_name=job.recipe_name)
+            results = run_recipe(recipe, self.settings, self.store, force=job.force, report=progress.report,
+                                 should_cancel=progress.should_cancel)
+        except Cancelled:
+            if keeper.lost.is_set():
+                LOG.warning("job %s: lease lost; stopped and left it to its new worker", job.id)
+                return
+            self._finish(job.id, keeper, "cancelled")
+        except RecipeError as exc:
+            self._finish(job.id, keeper, "failed", error=("invalid_recipe", str(exc)))
+        except MergerError as exc:
+            self._finish(job.id, keeper, "failed", error=("stage_failed", str(exc)))
+        except Exception as exc:  # noqa: BLE001 - recorded for the user, logged with its traceback for operators
+            LOG.exception("job %s failed", job.id)
+            self._finish(job.id, keeper, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
+        else:
+            with self.session.begin() as s:
+                grant(s, [r.model.id for r in results], job.owner)
+            self._finish(job.id, keeper, "succeeded", model_id=results[-1].model.id)
+
+    def _finish(self, job_id: str, keeper: LeaseKeeper, state: str, *, model_id: str | None = None,
+                error: tuple[str, str] | None = None) -> None:
+        code, message = error or (None, None)
+        with self.session.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == keeper.holder, JobRow.state == "running").values(
+                state=state, model_id=model_id, finished_at=utcnow(), error_code=code, error_message=message and message[:4000]))
+
+
+class _Progress:
+    """Writes progress to the job row and reads the cancel flag, each at most every WRITE_EVERY seconds."""
+
+    def __init__(self, session, job_id: str, keeper: LeaseKeeper):
+        self.session, self.job_id, self.keeper = session, job_id, keeper
+        self._written = self._checked = 0.0
+        self._cancel = False
+
+    def report(self, event: ProgressEvent) -> None:
+        now = time.monotonic()
+        if event.phase == "progress" and now - self._written < WRITE_EVERY and event.done != event.total:
+            return
+        self._written = now
+        with self.session.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id == self.job_id).values(stage=event.stage, done=event.done, total=event.total))
+
+    def should_cancel(self) -> bool:
+        if self.keeper.lost.is_set():
+            return True  # another worker may own the job now
+        now = time.monotonic()
+        if now - self._checked >= WRITE_EVERY:
+            self._checked = now
+            with self.session() as s:
+                self._cancel = bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == self.job_id)))
+        return self._cancel
+
+
+def heartbeat(session, name: str, queues: list[str]) -> None:
+    """Record that a worker listening on ``queues`` is alive."""
+    with session.begin() as s:
+        row = s.get(WorkerRow, name)
+        if row is None:
+            s.add(WorkerRow(name=name, queues=queues))
+        else:
+            row.queues, row.last_seen = queues, utcnow()

@@ -1,0 +1,1 @@
+"""merger's Celery worker: ``celery -A worker.app worker`` (or ``merger worker``)."""
