@@ -185,6 +185,122 @@ def import_gguf(
         print(model.id)
 
 
+# --- the service -------------------------------------------------------------------------------------------
+
+ServerOpt = Annotated[Optional[str], typer.Option("--server", help="API URL (default: MERGER_SERVER)")]
+TokenOpt = Annotated[Optional[str], typer.Option("--token", help="API token (default: MERGER_TOKEN)")]
+
+
+@app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[Optional[int], typer.Option(help="Local worker processes to start (default: 1 without MERGER_BROKER_URL, else 0)")] = None,
+) -> None:
+    """Run the HTTP API (and local workers). Without MERGER_BROKER_URL, jobs queue in SQLite: no Redis needed."""
+    import subprocess
+
+    import uvicorn
+
+    from merger.service.api import create_app
+
+    settings = Settings()
+    count = workers if workers is not None else (0 if settings.broker_url else 1)
+    procs = [subprocess.Popen([sys.argv[0], "worker"]) for _ in range(count)]
+    err.print(f"merger API on http://{host}:{port} (docs at /docs); broker {settings.resolved_broker_url}; {count} local worker(s)")
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+
+
+@app.command()
+def worker(
+    queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues (default: gpu with CUDA, else cpu)")] = None,
+    concurrency: int = 1,
+) -> None:
+    """Run a Celery worker that executes queued jobs (one process per job)."""
+    import os
+
+    import torch
+
+    from worker.app import app as celery_app
+
+    queues = queues or ("gpu" if torch.cuda.is_available() else "cpu")
+    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", "prefork", "-l", "INFO",
+                            "-n", f"merger-{os.getpid()}@%h"])
+
+
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(user: Annotated[str, typer.Option("--user", help="The user the token acts as (created if new)")]) -> None:
+    """Create an API token; it is printed once and stored only as a hash."""
+    from merger.service.auth import create_token
+
+    settings, store = _context()
+    with store.session.begin() as s:
+        print(create_token(s, user))
+
+
+def _client(server: str | None, token: str | None):
+    from merger.service.client import Client
+
+    settings = Settings()
+    return Client(server or settings.server, token or settings.token)
+
+
+@app.command()
+def submit(
+    recipe: Path,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job with a progress bar until it ends")] = False,
+    force: bool = False,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Ask for a GPU worker")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Submit a recipe to a merger server; prints the job id (or follows it with --wait)."""
+    client = _client(server, token)
+    job = client.submit(recipe.read_text(encoding="utf-8"), name=recipe.stem, force=force, gpu=gpu)
+    if wait and job["state"] not in ("succeeded", "failed", "cancelled"):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+            task = bar.add_task(f"{job['id'][:8]} queued", total=None)
+            for job in client.events(job["id"]):
+                bar.update(task, description=f"{job['id'][:8]} {job['state']} {job['stage'] or ''}",
+                           completed=job["done"], total=job["total"] or None)
+    if as_json:
+        print(json.dumps(job, indent=2))
+    else:
+        print(job["model_id"] if wait and job["state"] == "succeeded" else job["id"])
+    if job["state"] in ("failed", "cancelled"):
+        err.print(f"job {job['id']} {job['state']}: {(job.get('error') or {}).get('message', '')}", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(job: str, server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Show a job of a merger server as JSON."""
+    print(json.dumps(_client(server, token).job(job), indent=2))
+
+
+@app.command()
+def pull(model: str, directory: Path, server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Download a model from a merger server into DIRECTORY; resumes, and checks every sha256."""
+    client = _client(server, token)
+    info = client.model(model)
+    total = sum(f["size"] for f in info["files"])
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task(f"pull {info['name'] or model[:12]}", total=total)
+        client.pull(info["id"], directory, on_bytes=lambda n: bar.advance(task, n))
+    err.print(f"{len(info['files'])} files, sha256 checked, in {directory}")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     reaper_interval: float = Field(default=10.0, description="How often the API re-enqueues jobs whose lease lapsed")
     visibility_timeout: int = Field(default=6 * 3600, description="Redis redelivery timeout; longer than the longest job")
 
+    # the CLI as a client of a server (merger submit / status / pull)
+    server: str = Field(default="http://127.0.0.1:8000", description="The merger API the client commands talk to")
+    token: str | None = Field(default=None, description="API token for the client commands")
+
     @field_validator("model_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:

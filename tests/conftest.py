@@ -28,3 +28,57 @@ def settings(tmp_path, model_root, monkeypatch) -> Settings:
 @pytest.fixture
 def store(settings) -> Store:
     return Store(settings)
+
+
+# --- the service ---------------------------------------------------------------------------------------------
+
+REDIS_URL = os.environ.get("MERGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+
+@pytest.fixture(scope="session")
+def slow_models(model_root) -> Path:
+    """A family ("slow-base", "slow-ft1", "slow-ft2") large enough that a TIES merge takes seconds."""
+    from tests.tiny_models import SLOW_SIZES
+
+    make_family(model_root, "llama", prefix="slow", **SLOW_SIZES)
+    return model_root
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """The real Redis at MERGER_TEST_REDIS_URL (its own DB index, flushed), or a private redis-server."""
+    from tests.service_harness import redis_answers, start_private_redis
+
+    proc = None
+    url = REDIS_URL
+    if not redis_answers(url):
+        url, proc = start_private_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    if proc:
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.fixture(params=["redis", "embedded"])
+def service(request, tmp_path, model_root, slow_models):
+    """The API and its workers as real processes: on Redis, or on the embedded SQLite broker."""
+    import redis
+
+    from tests.service_harness import Service
+
+    env = {**os.environ, "MERGER_HOME": str(tmp_path / "home"), "MERGER_MODEL_ROOTS": str(model_root),
+           "MERGER_LEASE_SECONDS": "3", "MERGER_REAPER_INTERVAL": "1"}
+    env.pop("MERGER_DATABASE_URL", None)
+    env.pop("MERGER_BROKER_URL", None)
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()
+        env["MERGER_BROKER_URL"] = url
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    svc = Service(env, logs)
+    svc.mode = request.param
+    yield svc
+    svc.stop()
+    if request.param == "redis":
+        redis.Redis.from_url(env["MERGER_BROKER_URL"]).flushdb()

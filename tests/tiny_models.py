@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Pr
 VOCAB = 64
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, **sizes):
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128) | sizes
     if arch == "gemma3":
         return Gemma3TextConfig(**common, head_dim=16, sliding_window=32, dtype="bfloat16",
                                 architectures=["Gemma3ForCausalLM"])
@@ -35,18 +35,24 @@ def save_model(model, path: Path) -> Path:
     return path
 
 
-def make_family(root: Path, arch: str, n_finetunes: int = 2, seed: int = 0) -> list[Path]:
+# big enough that a TIES merge takes seconds, so tests can cancel or kill a worker mid-merge
+SLOW_SIZES = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                  num_attention_heads=12, num_key_value_heads=4)
+
+
+def make_family(root: Path, arch: str, n_finetunes: int = 2, seed: int = 0, prefix: str | None = None, **sizes) -> list[Path]:
     """A base model and ``n_finetunes`` perturbed copies of it, in bf16: [base, ft1, ft2, ...]."""
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.bfloat16)
-    paths = [save_model(base, root / f"{arch}-base")]
+    prefix = prefix or arch
+    base = AutoModelForCausalLM.from_config(tiny_config(arch, **sizes), dtype=torch.bfloat16)
+    paths = [save_model(base, root / f"{prefix}-base")]
     for i in range(1, n_finetunes + 1):
-        tuned = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.bfloat16)
+        tuned = AutoModelForCausalLM.from_config(tiny_config(arch, **sizes), dtype=torch.bfloat16)
         tuned.load_state_dict(base.state_dict())
         with torch.no_grad():
             for p in tuned.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-        paths.append(save_model(tuned, root / f"{arch}-ft{i}"))
+        paths.append(save_model(tuned, root / f"{prefix}-ft{i}"))
     return paths
 
 

@@ -1,12 +1,15 @@
-"""Thin tasks: load the job by id, let the library run it, the library records the result."""
+"""Thin tasks: load the job by id, let the library run it, the library records the result.
 
+The library is imported here, in the worker's parent process, so each forked job process starts with
+torch and mergekit already loaded (importing torch does not initialise CUDA).
+"""
+
+from merger.service.jobs import Jobs
+from merger.service.queue import enqueue
+from merger.store import Store
 from worker.app import app, settings
 
 
 @app.task(name="merger.run_job")
 def run_job(job_id: str) -> None:
-    from merger.service.jobs import Jobs
-    from merger.service.queue import enqueue
-    from merger.store import Store
-
     Jobs(settings, Store(settings), enqueue).execute(job_id)

@@ -51,7 +51,7 @@ class Jobs:
             ensure_user(s, owner)
             s.add(job)
             if cached:
-                grant(s, [m.id for m in cached], owner)
+                grant(s, self._with_ancestors(m.id for m in cached), owner)
         if not cached:
             self.enqueue(job.id, job.queue)
         return self.get(job.id)
@@ -61,7 +61,7 @@ class Jobs:
             job = s.get(JobRow, job_id)
         return job if job and (owner is None or job.owner == owner) else None
 
-    def list(self, owner: str) -> list[JobRow]:
+    def owned_by(self, owner: str) -> list[JobRow]:
         with self.session() as s:
             return list(s.scalars(select(JobRow).where(JobRow.owner == owner).order_by(JobRow.created_at.desc())))
 
@@ -72,6 +72,19 @@ class Jobs:
                       .values(state="cancelled", finished_at=utcnow(), cancel_requested=True))
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "running").values(cancel_requested=True))
         return self.get(job_id)
+
+    def _with_ancestors(self, model_ids) -> list[str]:
+        """A job's owner may see its outputs and everything they came from (the owner named those inputs)."""
+        seen: dict[str, None] = {}
+
+        def visit(node) -> None:
+            seen[node.model.id] = None
+            for parent in node.parents:
+                visit(parent)
+
+        for model_id in model_ids:
+            visit(self.store.lineage(model_id))
+        return list(seen)
 
     def gpu_workers_alive(self) -> bool:
         with self.session() as s:
@@ -134,7 +147,7 @@ class Jobs:
             self._finish(job.id, keeper, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
         else:
             with self.session.begin() as s:
-                grant(s, [r.model.id for r in results], job.owner)
+                grant(s, self._with_ancestors(r.model.id for r in results), job.owner)
             self._finish(job.id, keeper, "succeeded", model_id=results[-1].model.id)
 
     def _finish(self, job_id: str, keeper: LeaseKeeper, state: str, *, model_id: str | None = None,

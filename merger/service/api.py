@@ -1,0 +1,182 @@
+"""The HTTP API, versioned under /v1. OpenAPI at /docs and /openapi.json."""
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sse_starlette.sse import EventSourceResponse
+
+from merger import __version__
+from merger.db import ModelRow
+from merger.errors import MergerError, Problem, RecipeError
+from merger.orchestrator import check_recipe
+from merger.safe_yaml import load_recipe_text
+from merger.service.auth import can_see, visible_to
+from merger.service.deps import Service, ServiceDep, UserDep
+from merger.service.downloads import archive_response, file_response
+from merger.service.jobs import FINAL, Enqueue, Jobs
+from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, ValidationOut, VisibilityIn
+from merger.settings import Settings
+from merger.store import LineageNode, Store
+
+LOG = logging.getLogger(__name__)
+EVENT_POLL = 0.25
+
+
+def create_app(settings: Settings, enqueue: Enqueue | None = None) -> FastAPI:
+    if enqueue is None:
+        from merger.service.queue import enqueue
+    store = Store(settings)
+    svc = Service(settings, store, Jobs(settings, store, enqueue))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        reaper = asyncio.create_task(_reap_forever(svc))
+        yield
+        reaper.cancel()
+
+    app = FastAPI(title="merger", version=__version__, lifespan=lifespan)
+    app.state.service = svc
+    _routes(app)
+    return app
+
+
+async def _reap_forever(svc: Service) -> None:
+    while True:
+        await asyncio.sleep(svc.settings.reaper_interval)
+        try:
+            await asyncio.to_thread(svc.jobs.reap)
+        except Exception:  # noqa: BLE001 - keep reaping; the next round may succeed
+            LOG.exception("reaper round failed")
+
+
+def _recipe_data(body: RecipeIn, settings: Settings) -> Any:
+    if isinstance(body.recipe, str):
+        return load_recipe_text(body.recipe, source="recipe", max_bytes=settings.max_recipe_bytes)
+    size = len(json.dumps(body.recipe))
+    if size > settings.max_recipe_bytes:
+        raise RecipeError([Problem("recipe", f"recipe is {size} bytes, over the {settings.max_recipe_bytes}-byte limit")])
+    return body.recipe
+
+
+def _problems_response(exc: RecipeError) -> JSONResponse:
+    body = ValidationOut(ok=False, problems=[{"loc": p.loc, "msg": p.msg} for p in exc.problems])
+    return JSONResponse(body.model_dump(), status_code=422)
+
+
+def _visible_model(svc: Service, model_id: str, user: str) -> ModelRow:
+    model = svc.store.get(model_id) if len(model_id) == 64 else None
+    with svc.store.session() as s:
+        if model is None or not can_see(s, model.id, user):
+            raise HTTPException(404, f"no model {model_id}")
+    return model
+
+
+def _own_job(svc: Service, job_id: str, user: str):
+    job = svc.jobs.get(job_id, owner=user)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return job
+
+
+def _routes(app: FastAPI) -> None:
+    @app.exception_handler(RecipeError)
+    async def recipe_error(_request: Request, exc: RecipeError):
+        return _problems_response(exc)
+
+    @app.exception_handler(MergerError)
+    async def merger_error(_request: Request, exc: MergerError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.post("/v1/recipes/validate", response_model=ValidationOut, responses={422: {"model": ValidationOut}})
+    def validate(body: RecipeIn, svc: ServiceDep, _user: UserDep):
+        recipe = check_recipe(_recipe_data(body, svc.settings), svc.settings, svc.store, default_name=body.name)
+        return ValidationOut(ok=True, stages=recipe.stage_names())
+
+    @app.post("/v1/jobs", response_model=JobOut, status_code=202, responses={200: {"model": JobOut, "description": "cache hit"}})
+    def submit(body: JobIn, svc: ServiceDep, user: UserDep):
+        job = svc.jobs.submit(user, _recipe_data(body, svc.settings), name=body.name, force=body.force, gpu=body.gpu)
+        out = JobOut.of(job)
+        return out if job.state != "succeeded" else JSONResponse(out.model_dump(mode="json"), status_code=200)
+
+    @app.get("/v1/jobs", response_model=list[JobOut])
+    def list_jobs(svc: ServiceDep, user: UserDep):
+        return [JobOut.of(j) for j in svc.jobs.owned_by(user)]
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut)
+    def get_job(job_id: str, svc: ServiceDep, user: UserDep):
+        return JobOut.of(_own_job(svc, job_id, user))
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+    def cancel_job(job_id: str, svc: ServiceDep, user: UserDep):
+        _own_job(svc, job_id, user)
+        return JobOut.of(svc.jobs.cancel(job_id))
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, svc: ServiceDep, user: UserDep):
+        """Server-sent events: one `job` event per change of state, stage or progress, until the job ends."""
+        _own_job(svc, job_id, user)
+
+        async def stream():
+            last = None
+            while True:
+                job = JobOut.of(await asyncio.to_thread(svc.jobs.get, job_id))
+                snapshot = (job.state, job.stage, job.done, job.total)
+                if snapshot != last:
+                    last = snapshot
+                    yield {"event": "job", "data": job.model_dump_json()}
+                if job.state in FINAL:
+                    return
+                await asyncio.sleep(EVENT_POLL)
+
+        return EventSourceResponse(stream())
+
+    @app.get("/v1/models", response_model=list[ModelOut])
+    def list_models(svc: ServiceDep, user: UserDep):
+        with svc.store.session() as s:
+            ids = list(s.scalars(select(ModelRow.id).where(visible_to(user)).order_by(ModelRow.created_at)))
+        return [ModelOut.of(svc.store.get(i)) for i in ids]
+
+    @app.get("/v1/models/{model_id}", response_model=ModelOut)
+    def get_model(model_id: str, svc: ServiceDep, user: UserDep):
+        return ModelOut.of(_visible_model(svc, model_id, user))
+
+    @app.post("/v1/models/{model_id}/visibility", response_model=ModelOut)
+    def set_visibility(model_id: str, body: VisibilityIn, svc: ServiceDep, user: UserDep):
+        model = _visible_model(svc, model_id, user)
+        with svc.store.session.begin() as s:
+            s.get(ModelRow, model.id).public = body.public
+        return ModelOut.of(svc.store.get(model.id))
+
+    @app.get("/v1/models/{model_id}/lineage", response_model=LineageOut)
+    def get_lineage(model_id: str, svc: ServiceDep, user: UserDep):
+        model = _visible_model(svc, model_id, user)
+        with svc.store.session() as s:
+            return _lineage_out(svc.store.lineage(model.id), lambda m: can_see(s, m.id, user))
+
+    @app.get("/v1/models/{model_id}/files/{path:path}")
+    def get_file(model_id: str, path: str, svc: ServiceDep, user: UserDep):
+        model = _visible_model(svc, model_id, user)
+        entry = next((f for f in model.files if f.path == path), None)
+        if entry is None:
+            raise HTTPException(404, f"model {model_id} has no file {path}")
+        return file_response(svc.store.path_of(model), entry)
+
+    @app.get("/v1/models/{model_id}/archive")
+    def get_archive(model_id: str, svc: ServiceDep, user: UserDep):
+        model = _visible_model(svc, model_id, user)
+        return archive_response(svc.store.path_of(model), model)
+
+
+def _lineage_out(node: LineageNode, visible) -> LineageOut:
+    if not visible(node.model):
+        return LineageOut(id=node.model.id, relation=node.relation, role=node.role, weight=node.weight, hidden=True)
+    return LineageOut(
+        id=node.model.id, name=node.model.name, kind=node.model.kind, relation=node.relation, role=node.role,
+        weight=node.weight, parents=[_lineage_out(p, visible) for p in node.parents],
+    )

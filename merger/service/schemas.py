@@ -1,0 +1,107 @@
+"""The API's request and response bodies."""
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from merger.db import JobRow, ModelRow
+
+
+class RecipeIn(BaseModel):
+    recipe: dict[str, Any] | str = Field(description="The recipe: a mapping, or YAML text")
+    name: str = Field(default="recipe", description="Names a plain mergekit config's output (as a file stem would)")
+
+
+class JobIn(RecipeIn):
+    force: bool = Field(default=False, description="Recompute even when cached")
+    gpu: bool = Field(default=False, description="Run on a GPU worker if one is alive (else on a CPU worker)")
+
+
+class Problem(BaseModel):
+    loc: str
+    msg: str
+
+
+class ValidationOut(BaseModel):
+    ok: bool
+    stages: list[str] = []
+    problems: list[Problem] = []
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    owner: str
+    state: str
+    recipe_name: str
+    queue: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    stage: str | None
+    done: int
+    total: int
+    model_id: str | None
+    error: ErrorOut | None
+    attempts: int
+
+    @classmethod
+    def of(cls, job: JobRow) -> "JobOut":
+        error = ErrorOut(code=job.error_code, message=job.error_message or "") if job.error_code else None
+        fields = {name: getattr(job, name) for name in cls.model_fields if name != "error"}
+        return cls(**fields, error=error)
+
+
+class FileOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class ParentOut(BaseModel):
+    id: str
+    name: str | None
+    relation: str
+    role: str
+    weight: float | None
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str | None
+    kind: str
+    architecture: str | None
+    size_bytes: int
+    public: bool
+    created_at: datetime
+    files: list[FileOut]
+    parents: list[ParentOut]
+
+    @classmethod
+    def of(cls, model: ModelRow) -> "ModelOut":
+        return cls(
+            id=model.id, name=model.name, kind=model.kind, architecture=model.architecture, size_bytes=model.size_bytes,
+            public=bool(model.public), created_at=model.created_at,
+            files=[FileOut(path=f.path, size=f.size, sha256=f.sha256) for f in model.files],
+            parents=[ParentOut(id=e.parent_id, name=e.parent.name, relation=e.relation, role=e.role, weight=e.weight) for e in model.parents],
+        )
+
+
+class LineageOut(BaseModel):
+    id: str
+    name: str | None = None
+    kind: str | None = None
+    relation: str | None = None
+    role: str | None = None
+    weight: float | None = None
+    hidden: bool = Field(default=False, description="A private model of another user: only its id is shown")
+    parents: list["LineageOut"] = []
+
+
+class VisibilityIn(BaseModel):
+    public: bool

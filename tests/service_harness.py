@@ -1,0 +1,106 @@
+"""Real processes for service tests: a Redis, the API (`merger serve`) and Celery workers (`merger worker`)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def start_private_redis(tmp: Path) -> tuple[str, subprocess.Popen]:
+    """A throwaway redis-server, for machines where none runs; a missing redis-server is a failure."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("no Redis answers at MERGER_TEST_REDIS_URL and redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                            stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for(lambda: redis_answers(url), 10, "private redis-server")
+    return url, proc
+
+
+def wait_for(check, seconds: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {seconds} s waiting for {what}")
+
+
+class Service:
+    """An API process plus worker processes sharing one MERGER_HOME, database and broker."""
+
+    def __init__(self, env: dict[str, str], logs: Path):
+        self.env, self.logs = env, logs
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers: list[subprocess.Popen] = []
+        self.api = self._spawn("api", [str(BIN / "merger"), "serve", "--port", str(self.port), "--workers", "0"])
+        wait_for(self._api_up, 60, "the API")
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}-{len(self.workers)}.log", "w")
+        # own session: SIGKILL to the group takes the worker's job processes too
+        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _api_up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/openapi.json", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_worker(self) -> subprocess.Popen:
+        proc = self._spawn("worker", [str(BIN / "merger"), "worker", "--queues", "cpu"])
+        self.workers.append(proc)
+        return proc
+
+    def token(self, user: str) -> str:
+        out = subprocess.run([str(BIN / "merger"), "token", "create", "--user", user], env=self.env,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    def client(self, token: str | None) -> httpx.Client:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.api]:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in [*self.workers, self.api]:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill(proc)
