@@ -32,6 +32,8 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
+from merger.recipe import RANDOMIZED_METHODS
+
 METHODS = ("linear", "slerp", "ties", "dare_ties")
 # the LoRA fixtures live beside the checkout (../shared/fixtures), as on every developer and CI machine
 ADAPTERS = Path(os.environ.get("MERGER_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "adapters"
@@ -160,6 +162,8 @@ def bench(method: str, order: int, work: Path, models: Path) -> Row:
 
     def run_mergekit() -> Measured:
         cmd = [str(BIN / "mergekit-yaml"), str(mergekit_cfg), str(mergekit_out), "--random-seed", str(SEED)]
+        if method in RANDOMIZED_METHODS:  # a seeded random merge is reproducible only single-threaded; merger runs it so
+            cmd += ["--num-threads", "1"]
         return measure(cmd, dict(os.environ), runs / "mergekit")
 
     def run_merger() -> Measured:

@@ -5,9 +5,10 @@ Any SQLAlchemy URL works; SQLite under ``MERGER_HOME`` is the default.
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, create_engine, event
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, create_engine, event, inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 
 def utcnow() -> datetime:
@@ -154,6 +155,22 @@ class WorkerRow(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     queues: Mapped[list] = mapped_column(JSON)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def add_unless_exists(s: Session, row: Base) -> bool:
+    """Insert ``row`` unless its primary key exists, also when another process inserts it concurrently."""
+    if s.get(type(row), inspect(row).identity or _primary_key(row)) is not None:
+        return False
+    try:
+        with s.begin_nested():
+            s.add(row)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _primary_key(row: Base) -> tuple:
+    return tuple(getattr(row, c.key) for c in inspect(type(row)).primary_key)
 
 
 def make_sessionmaker(url: str) -> sessionmaker:

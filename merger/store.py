@@ -16,7 +16,7 @@ from typing import Iterator
 
 from sqlalchemy import select
 
-from merger.db import CacheRow, EdgeRow, FileRow, ModelRow, RunRow, make_sessionmaker
+from merger.db import CacheRow, EdgeRow, FileRow, ModelRow, RunRow, add_unless_exists, make_sessionmaker
 from merger.errors import MergerError
 from merger.hashing import FileEntry, manifest, manifest_id
 from merger.settings import Settings
@@ -92,18 +92,17 @@ class Store:
         entries = manifest(staged)
         model_id = manifest_id(entries)
         dest = self.settings.models_dir / model_id
-        if dest.exists():
-            shutil.rmtree(staged)
-        else:
-            os.rename(staged, dest)
+        try:
+            os.rename(staged, dest)  # atomic: the model appears whole or not at all
+        except OSError:
+            if not dest.is_dir():
+                raise
+            shutil.rmtree(staged)  # the same bytes are already stored
         with self.session.begin() as s:
+            created = add_unless_exists(s, self._new_row(model_id, entries, name=name, kind=kind, architecture=architecture))
             row = s.get(ModelRow, model_id)
-            if row is None or row.location is not None:
-                if row is not None:  # known before as an external directory: now it is stored
-                    row.location = None
-                else:
-                    row = self._new_row(model_id, entries, name=name, kind=kind, architecture=architecture)
-                    s.add(row)
+            if created or row.location is not None:  # new, or known before only as an external directory
+                row.location = None
                 row.recipe, row.recipe_digest = recipe, recipe_digest
                 row.versions, row.origin = versions, origin
                 row.parents = [
@@ -119,13 +118,12 @@ class Store:
         entries = manifest(path)
         model_id = manifest_id(entries)
         with self.session.begin() as s:
-            row = s.get(ModelRow, model_id)
-            if row is None:
-                row = self._new_row(model_id, entries, name=name or path.name, kind=kind, architecture=architecture)
-                row.location = str(path)
-                s.add(row)
-            elif row.location is not None and row.location != str(path) and not Path(row.location).is_dir():
-                row.location = str(path)
+            row = self._new_row(model_id, entries, name=name or path.name, kind=kind, architecture=architecture)
+            row.location = str(path)
+            if not add_unless_exists(s, row):
+                row = s.get(ModelRow, model_id)
+                if row.location is not None and row.location != str(path) and not Path(row.location).is_dir():
+                    row.location = str(path)  # the directory moved
         return self.get(model_id)
 
     @staticmethod
@@ -149,11 +147,8 @@ class Store:
 
     def remember(self, key: str, model_id: str) -> None:
         with self.session.begin() as s:
-            row = s.get(CacheRow, key)
-            if row is None:
-                s.add(CacheRow(key=key, model_id=model_id))
-            else:
-                row.model_id = model_id
+            if not add_unless_exists(s, CacheRow(key=key, model_id=model_id)):
+                s.get(CacheRow, key).model_id = model_id
 
     def record_run(self, *, stage: str, cache_key: str, model_id: str, cache_hit: bool, seconds: float) -> None:
         with self.session.begin() as s:

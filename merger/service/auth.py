@@ -6,7 +6,7 @@ import secrets
 from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
-from merger.db import GrantRow, ModelRow, TokenRow, UserRow
+from merger.db import GrantRow, ModelRow, TokenRow, UserRow, add_unless_exists
 
 SINGLE_USER = "local"
 
@@ -16,9 +16,7 @@ def _digest(token: str) -> str:
 
 
 def ensure_user(s: Session, name: str) -> None:
-    if s.get(UserRow, name) is None:
-        s.add(UserRow(name=name))
-        s.flush()
+    add_unless_exists(s, UserRow(name=name))
 
 
 def create_token(s: Session, user: str) -> str:
@@ -36,8 +34,7 @@ def user_for_token(s: Session, token: str) -> str | None:
 
 def grant(s: Session, model_ids: list[str], user: str) -> None:
     for model_id in model_ids:
-        if s.get(GrantRow, (model_id, user)) is None:
-            s.add(GrantRow(model_id=model_id, user=user))
+        add_unless_exists(s, GrantRow(model_id=model_id, user=user))
 
 
 def can_see(s: Session, model_id: str, user: str) -> bool:
