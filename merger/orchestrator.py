@@ -115,7 +115,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
         out_dir.mkdir()
         dirs = [store.path_of(m) for m in inputs]
         try:
-            architecture = runner.run(plan, dirs, out_dir, work, report, should_cancel)
+            output = runner.run(plan, dirs, out_dir, work, report, should_cancel)
         except MergerError:
             raise
         except Exception as exc:  # the engine's own errors: name the stage, keep the cause chained
@@ -123,15 +123,16 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
         parents = [(inp.role, model, inp.weight) for inp, model in zip(plan.inputs, inputs)]
         (out_dir / "README.md").write_text(
             render_card(
-                name=stage.name, relation=runner.RELATION, summary=runner.summary(stage), parents=parents,
-                recipe=normalized, versions=versions,
+                name=stage.name, relation=output.card_relation, summary=runner.summary(stage), parents=parents,
+                recipe=normalized, versions=versions, library=output.library,
             ),
             encoding="utf-8",
         )
         model = store.publish(
             out_dir,
             name=stage.name,
-            architecture=architecture,
+            kind=output.kind,
+            architecture=output.architecture,
             parents=[
                 Parent(m.id, inp.relation, inp.role, inp.weight, {"loc": inp.loc, "ref": inp.text, **({"applied_to": inp.applied_to} if inp.applied_to else {})})
                 for inp, m in zip(plan.inputs, inputs)

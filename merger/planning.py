@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from merger.errors import Problem, RecipeError
-from merger.modelfiles import ModelInfo
+from merger.modelfiles import ModelDirError, ModelInfo, inspect_dir
 from merger.recipe import Draft
 from merger.references import Resolver, Source
 
@@ -34,6 +34,16 @@ class StagePlan:
     details: dict = field(default_factory=dict)  # kind-specific data the runner needs
 
 
+@dataclass(frozen=True)
+class StageOutput:
+    """What a runner tells the orchestrator about the directory it wrote."""
+
+    architecture: str | None
+    kind: str = "model"  # model | adapter
+    card_relation: str = "merge"  # the Hub model-tree relation written in the card
+    library: str = "transformers"
+
+
 @dataclass
 class PlanContext:
     resolver: Resolver
@@ -42,6 +52,17 @@ class PlanContext:
     @property
     def stage_names(self) -> frozenset[str]:
         return frozenset(self.outputs)
+
+
+def inspect_source(source: Source, context: PlanContext, where: str, problems: list[Problem], *, adapter: bool = False) -> ModelInfo | None:
+    """What validation needs to know of an input: an earlier stage's predicted output, or its directory."""
+    if source.kind == "stage":
+        return context.outputs.get(source.stage)
+    try:
+        return inspect_dir(source.path, adapter=adapter)
+    except ModelDirError as exc:
+        problems.append(Problem(where, str(exc)))
+        return None
 
 
 def plan_draft(draft: Draft, resolver: Resolver) -> list[StagePlan]:

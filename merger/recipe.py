@@ -9,12 +9,12 @@ A recipe is either a plain mergekit merge config (one ``merge`` stage named afte
 
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Literal, Union
 
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods import registry as merge_methods
 from mergekit.merge_methods.base import BasePolicy
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from merger.errors import Problem, RecipeError, format_loc
 
@@ -46,7 +46,61 @@ class MergeStage(_Strict):
         return check_merge_config(raw, loc)
 
 
-STAGE_KINDS: dict[str, type[_Strict]] = {"merge": MergeStage}
+COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+EQUAL_RANK_COMBINATIONS = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
+DENSITY_COMBINATIONS = frozenset(c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude_prune")))
+
+
+class AdapterInput(_Strict):
+    path: str = Field(description="A PEFT LoRA adapter: stored id or name, directory under the model roots, org/name[@rev], or an earlier combine stage")
+    weight: float = Field(default=1.0, description="Scales the adapter's update")
+
+
+class Combination(_Strict):
+    type: Literal[COMBINATIONS] = Field(default="cat", description="PEFT add_weighted_adapter combination type")  # type: ignore[valid-type]
+    density: float | None = Field(default=None, gt=0, le=1, description="Fraction kept (ties, dare_*, magnitude_prune)")
+    svd_rank: int | None = Field(default=None, gt=0, description="Rank of *_svd results; default: the largest input rank")
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+    @model_validator(mode="after")
+    def _density_where_needed(self):
+        if self.type in DENSITY_COMBINATIONS and self.density is None:
+            raise ValueError(f"combination {self.type} needs a density")
+        return self
+
+
+class AdaptersSpec(_Strict):
+    base: str = Field(description="The model the adapters were trained on (a model reference)")
+    mode: Literal["fold", "combine"] = Field(description="fold: into the base's weights (a full model); combine: into one new adapter")
+    adapters: list[AdapterInput] = Field(min_length=1)
+    combination: Combination | None = Field(default=None, description="combine mode only; default: cat (exact)")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(default=None, description="fold output dtype; default: the base's")
+    allow_other_base: bool = Field(default=False, description="Accept adapters whose adapter_config names another base model")
+
+    @model_validator(mode="after")
+    def _mode_fields(self):
+        if self.mode == "fold" and self.combination is not None:
+            raise ValueError("combination applies to mode: combine only")
+        if self.mode == "combine" and self.dtype is not None:
+            raise ValueError("dtype applies to mode: fold only")
+        return self
+
+
+class AdaptersStage(_Strict):
+    """Fold LoRA adapters into a base model, or combine them into one adapter."""
+
+    kind: ClassVar[str] = "adapters"
+    name: str = Field(pattern=NAME_PATTERN)
+    adapters: AdaptersSpec
+    seed: int = Field(default=0, description="Random seed for dare_* combinations")
+
+    @classmethod
+    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
+        return []  # the pydantic model is strict already
+
+
+STAGE_KINDS: dict[str, type[_Strict]] = {"merge": MergeStage, "adapters": AdaptersStage}
 Stage = Union[tuple(STAGE_KINDS.values())]  # type: ignore[valid-type]
 
 
@@ -128,8 +182,7 @@ def _parse_stage(raw: Any, loc: tuple) -> tuple[Any, list[Problem]]:
     try:
         stage = kind_cls.model_validate(raw)
     except ValidationError as exc:
-        problems = [Problem(format_loc(loc + tuple(e["loc"])), e["msg"]) for e in exc.errors()
-                    if not (len(e["loc"]) > 1 and e["loc"][0] == kinds[0])] + problems
+        problems = [Problem(format_loc(loc + tuple(e["loc"])), e["msg"]) for e in exc.errors()] + problems
         return None, problems
     return stage, problems  # planned even with problems, so that its references get checked too
 
@@ -140,7 +193,7 @@ def _parse_stage(raw: Any, loc: tuple) -> tuple[Any, list[Problem]]:
 def check_merge_config(raw: Any, loc: tuple) -> list[Problem]:
     """Every problem in a mergekit config: unknown keys, type errors, unknown method or parameters."""
     if not isinstance(raw, dict):
-        return [Problem(format_loc(loc), "must be a mergekit merge configuration (a mapping)")]
+        return []  # the stage schema reports it
     problems = _unknown_keys(MergeConfiguration, raw, loc)
     method_name = raw.get("merge_method")
     method = None

@@ -65,3 +65,19 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def make_lora(base_dir: Path, out: Path, *, seed: int, r: int = 4, alpha: int = 8,
+              targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"), **config) -> Path:
+    """A random PEFT LoRA adapter for the model in ``base_dir`` (B is random too, so it changes the model)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), **config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(out)
+    return out

@@ -4,6 +4,6 @@ A runner module provides ``plan(stage, loc, context) -> (StagePlan | None, [Prob
 check, no heavy work) and ``run(plan, inputs, out_dir, work_dir, report, should_cancel) -> RunInfo``.
 """
 
-from merger.stages import merge
+from merger.stages import adapters, merge
 
-STAGE_RUNNERS = {"merge": merge}
+STAGE_RUNNERS = {"merge": merge, "adapters": adapters}

@@ -21,8 +21,8 @@ from transformers.utils import logging as hf_logging
 
 from merger.errors import Cancelled, Problem, format_loc
 from merger.mergekit_refs import map_references, walk_references
-from merger.modelfiles import ModelDirError, ModelInfo, inspect_dir
-from merger.planning import InputRef, PlanContext, StagePlan
+from merger.modelfiles import ModelInfo
+from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source
 from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import RANDOMIZED_METHODS, MergeStage
 from merger.references import UnresolvedReference
@@ -64,17 +64,18 @@ def plan(stage: MergeStage, loc: tuple, context: PlanContext) -> tuple[StagePlan
         weight = weights.get(ref)
         inputs.append(InputRef(where, str(ref.model), source, role, RELATION, weight if isinstance(weight, (int, float)) else None))
         slot = _RefSlots(ref, len(inputs) - 1, None)
-        infos[slot.model_input] = _inspect(source, context, where, problems)
+        infos[slot.model_input] = inspect_source(source, context, where, problems)
         if ref.lora is not None:
             try:
-                adapter = context.resolver.resolve(ref.lora.path, ref.lora.revision)
-                if adapter.kind == "stage":
-                    raise UnresolvedReference(f"{ref.lora.path!r}: stage outputs can't be used as LoRA adapters here")
-                inspect_dir(adapter.path, adapter=True)
+                adapter = context.resolver.resolve(ref.lora.path, ref.lora.revision, stages=context.stage_names)
+            except UnresolvedReference as exc:
+                problems.append(Problem(where, str(exc)))
+            else:
+                info = inspect_source(adapter, context, where, problems, adapter=True)
+                if adapter.kind == "stage" and not (info and info.is_adapter):
+                    problems.append(Problem(where, f"stage {ref.lora.path!r} does not produce a LoRA adapter (use an adapters stage in combine mode)"))
                 inputs.append(InputRef(where, str(ref.lora), adapter, "adapter", "adapter", applied_to=where))
                 slot.adapter_input = len(inputs) - 1
-            except (UnresolvedReference, ModelDirError) as exc:
-                problems.append(Problem(where, str(exc)))
         slots[ref] = slot
 
     details = {"slots": list(slots.values())}
@@ -86,16 +87,6 @@ def plan(stage: MergeStage, loc: tuple, context: PlanContext) -> tuple[StagePlan
     problems += _compatibility(config, loc, inputs, infos, base_info)
     output_info = base_info if config.models else None
     return StagePlan(stage, inputs, output_info, details), problems
-
-
-def _inspect(source, context: PlanContext, where: str, problems: list[Problem]) -> ModelInfo | None:
-    if source.kind == "stage":
-        return context.outputs.get(source.stage)
-    try:
-        return inspect_dir(source.path)
-    except ModelDirError as exc:
-        problems.append(Problem(where, str(exc)))
-        return None
 
 
 def _compatibility(config, loc, inputs, infos, base_info: ModelInfo | None) -> list[Problem]:
@@ -148,8 +139,8 @@ def summary(stage: MergeStage) -> str:
     return f"A `{stage.config.merge_method}` merge made by merger with mergekit."
 
 
-def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report: Reporter, should_cancel: CancelCheck) -> str | None:
-    """Run the merge into ``out_dir``; ``dirs[i]`` is the directory of ``plan.inputs[i]``. Returns the architecture."""
+def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report: Reporter, should_cancel: CancelCheck) -> StageOutput:
+    """Run the merge into ``out_dir``; ``dirs[i]`` is the directory of ``plan.inputs[i]``."""
     stage: MergeStage = plan.stage
 
     def local(ref: ModelReference) -> ModelReference:
@@ -172,7 +163,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     with _observed_executor(stage.name, report, should_cancel), _threads_for(config.merge_method), _quiet_transformers():
         mergekit.merge.run_merge(config, str(out_dir), options=options)
     LoaderCache.loaders.clear()
-    return plan.output_info.architecture if plan.output_info else None
+    return StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge")
 
 
 @contextmanager
