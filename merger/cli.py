@@ -219,7 +219,7 @@ def serve(
 
 @app.command()
 def worker(
-    queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues (default: gpu with CUDA, else cpu)")] = None,
+    queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues (default: gpu,cpu with CUDA, else cpu)")] = None,
     concurrency: int = 1,
 ) -> None:
     """Run a Celery worker that executes queued jobs (one process per job)."""
@@ -229,7 +229,7 @@ def worker(
 
     from worker.app import app as celery_app
 
-    queues = queues or ("gpu" if torch.cuda.is_available() else "cpu")
+    queues = queues or ("gpu,cpu" if torch.cuda.is_available() else "cpu")  # a GPU worker takes CPU jobs when idle
     celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", "prefork", "-l", "INFO",
                             "-n", f"merger-{os.getpid()}@%h"])
 

@@ -112,12 +112,13 @@ class TokenRow(Base):
 
 
 class GrantRow(Base):
-    """A user may see a model: they own a job that produced it, or registered it."""
+    """A user may see a model: a job of theirs produced it (owner), or used it as an input."""
 
     __tablename__ = "model_grants"
 
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
     user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[bool] = mapped_column(Boolean, default=False, comment="may change the model's visibility")
 
 
 class JobRow(Base):

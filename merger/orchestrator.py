@@ -14,7 +14,7 @@ from typing import Any
 from merger import __version__
 from merger.card import render_card
 from merger.db import ModelRow
-from merger.errors import MergerError, StageFailed
+from merger.errors import Cancelled, MergerError, StageFailed
 from merger.hashing import digest_json
 from merger.planning import InputRef, StagePlan, plan_draft
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
@@ -64,6 +64,8 @@ def run_recipe(
     outputs: dict[str, ModelRow] = {}
     results = []
     for plan in _plans(recipe, settings, store):
+        if should_cancel():
+            raise Cancelled(f"cancelled before stage {plan.stage.name}")
         result = _run_stage(plan, outputs, settings, store, versions, force, report, should_cancel)
         outputs[plan.stage.name] = result.model
         results.append(result)

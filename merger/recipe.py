@@ -100,7 +100,27 @@ class AdaptersStage(_Strict):
         return []  # the pydantic model is strict already
 
 
-STAGE_KINDS: dict[str, type[_Strict]] = {"merge": MergeStage, "adapters": AdaptersStage}
+class ExtractLoraSpec(_Strict):
+    model: str = Field(description="The full fine-tune (a model reference)")
+    base: str = Field(description="The model it was fine-tuned from")
+    rank: int = Field(gt=0, le=4096, description="Largest LoRA rank (each module's rank is at most this)")
+    include_embeddings: bool = Field(
+        default=False, description="Also store embeddings / lm_head (at full size: an adapter as large as the model)")
+
+
+class ExtractLoraStage(_Strict):
+    """A LoRA adapter that approximates a fine-tune's difference from its base (mergekit-extract-lora)."""
+
+    kind: ClassVar[str] = "extract_lora"
+    name: str = Field(pattern=NAME_PATTERN)
+    extract_lora: ExtractLoraSpec
+
+    @classmethod
+    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
+        return []
+
+
+STAGE_KINDS: dict[str, type[_Strict]] = {"merge": MergeStage, "adapters": AdaptersStage, "extract_lora": ExtractLoraStage}
 Stage = Union[tuple(STAGE_KINDS.values())]  # type: ignore[valid-type]
 
 

@@ -178,3 +178,23 @@ def test_every_adapter_mistake_is_named(settings, store, loras, model_root):
     }
     for loc, fragment in expect.items():
         assert fragment in found.get(loc, ""), (loc, found)
+
+
+def test_extract_lora_recovers_a_low_rank_fine_tune(settings, store, loras):
+    low_rank = "lora-rank2"
+    if not (loras / low_rank).exists():
+        make_lora(loras / "llama-base", loras / low_rank, seed=5, r=2, alpha=2)
+    recipe = {"stages": [
+        adapters_stage("ft", "fold", [{"path": low_rank}], dtype="float32"),
+        {"name": "extracted", "extract_lora": {"model": "ft", "base": "llama-base", "rank": 4}},
+        adapters_stage("refolded", "fold", [{"path": "extracted"}], dtype="float32"),
+    ]}
+    ft, extracted, refolded = run(recipe, settings, store)
+    assert extracted.model.kind == "adapter"
+    config = json.loads((store.path_of(extracted.model) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "llama-base" and config["r"] <= 4
+    assert [(e.parent.name, e.relation, e.role) for e in extracted.model.parents] == [("llama-base", "adapter", "base"), ("ft", "adapter", "donor")]
+    want = load_file(store.path_of(ft.model) / "model.safetensors")
+    got = load_file(store.path_of(refolded.model) / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4)

@@ -156,3 +156,16 @@ def test_twenty_jobs_from_two_users_stay_private(service):
     shared = next(iter(owned["alice"]))
     assert users["alice"].post(f"/v1/models/{shared}/visibility", json={"public": True}).json()["public"] is True
     assert users["bob"].get(f"/v1/models/{shared}").status_code == 200
+
+
+def test_only_owners_change_visibility_and_files_answer_head(service):
+    service.start_worker()
+    alice, bob = (service.client(service.token(u)) for u in ("alice", "bob"))
+    job = finished(alice, alice.post("/v1/jobs", json={"recipe": linear(0.35), "name": "owned"}).json()["id"], 120)
+    model_id = job["model_id"]
+    head = alice.head(f"/v1/models/{model_id[:12]}/files/config.json")
+    assert head.status_code == 200 and head.headers["etag"].strip('"') == head.headers["x-sha256"] and not head.content
+    assert alice.post(f"/v1/models/{model_id}/visibility", json={"public": True}).status_code == 200
+    assert bob.post(f"/v1/models/{model_id}/visibility", json={"public": False}).status_code == 403
+    inputs = [p["id"] for p in alice.get(f"/v1/models/{model_id}").json()["parents"]]
+    assert alice.post(f"/v1/models/{inputs[0]}/visibility", json={"public": True}).status_code == 403  # an input, not hers

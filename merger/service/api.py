@@ -16,13 +16,13 @@ from merger.db import ModelRow
 from merger.errors import MergerError, Problem, RecipeError
 from merger.orchestrator import check_recipe
 from merger.safe_yaml import load_recipe_text
-from merger.service.auth import can_see, visible_to
+from merger.service.auth import can_see, owns, visible_to
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.jobs import FINAL, Enqueue, Jobs
 from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, ValidationOut, VisibilityIn
 from merger.settings import Settings
-from merger.store import LineageNode, Store
+from merger.store import HEX, LineageNode, Store
 
 LOG = logging.getLogger(__name__)
 EVENT_POLL = 0.25
@@ -70,7 +70,8 @@ def _problems_response(exc: RecipeError) -> JSONResponse:
 
 
 def _visible_model(svc: Service, model_id: str, user: str) -> ModelRow:
-    model = svc.store.get(model_id) if len(model_id) == 64 else None
+    """A model by full id or unique id prefix, if the user may see it; else 404 (never 403: no existence leak)."""
+    model = svc.store.find(model_id) if HEX.match(model_id) else None
     with svc.store.session() as s:
         if model is None or not can_see(s, model.id, user):
             raise HTTPException(404, f"no model {model_id}")
@@ -148,8 +149,11 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/models/{model_id}/visibility", response_model=ModelOut)
     def set_visibility(model_id: str, body: VisibilityIn, svc: ServiceDep, user: UserDep):
+        """Only a user whose job produced the model may publish or unpublish it."""
         model = _visible_model(svc, model_id, user)
         with svc.store.session.begin() as s:
+            if not owns(s, model.id, user):
+                raise HTTPException(403, f"only the owner of model {model_id} may change its visibility")
             s.get(ModelRow, model.id).public = body.public
         return ModelOut.of(svc.store.get(model.id))
 
@@ -159,7 +163,7 @@ def _routes(app: FastAPI) -> None:
         with svc.store.session() as s:
             return _lineage_out(svc.store.lineage(model.id), lambda m: can_see(s, m.id, user))
 
-    @app.get("/v1/models/{model_id}/files/{path:path}")
+    @app.api_route("/v1/models/{model_id}/files/{path:path}", methods=["GET", "HEAD"])
     def get_file(model_id: str, path: str, svc: ServiceDep, user: UserDep):
         model = _visible_model(svc, model_id, user)
         entry = next((f for f in model.files if f.path == path), None)

@@ -32,9 +32,15 @@ def user_for_token(s: Session, token: str) -> str | None:
     return row.user if row else None
 
 
-def grant(s: Session, model_ids: list[str], user: str) -> None:
+def grant(s: Session, model_ids: list[str], user: str, *, owner: bool = False) -> None:
     for model_id in model_ids:
-        add_unless_exists(s, GrantRow(model_id=model_id, user=user))
+        if not add_unless_exists(s, GrantRow(model_id=model_id, user=user, owner=owner)) and owner:
+            s.get(GrantRow, (model_id, user)).owner = True
+
+
+def owns(s: Session, model_id: str, user: str) -> bool:
+    row = s.get(GrantRow, (model_id, user))
+    return bool(row and row.owner)
 
 
 def can_see(s: Session, model_id: str, user: str) -> bool:

@@ -51,7 +51,7 @@ class Jobs:
             ensure_user(s, owner)
             s.add(job)
             if cached:
-                grant(s, self._with_ancestors(m.id for m in cached), owner)
+                self._grant(s, [m.id for m in cached], owner)
         if not cached:
             self.enqueue(job.id, job.queue)
         return self.get(job.id)
@@ -73,8 +73,8 @@ class Jobs:
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "running").values(cancel_requested=True))
         return self.get(job_id)
 
-    def _with_ancestors(self, model_ids) -> list[str]:
-        """A job's owner may see its outputs and everything they came from (the owner named those inputs)."""
+    def _grant(self, s, outputs: list[str], user: str) -> None:
+        """A job's owner owns its outputs and may see everything they came from (the owner named those inputs)."""
         seen: dict[str, None] = {}
 
         def visit(node) -> None:
@@ -82,9 +82,10 @@ class Jobs:
             for parent in node.parents:
                 visit(parent)
 
-        for model_id in model_ids:
+        for model_id in outputs:
             visit(self.store.lineage(model_id))
-        return list(seen)
+        grant(s, [m for m in seen if m not in outputs], user)
+        grant(s, outputs, user, owner=True)
 
     def gpu_workers_alive(self) -> bool:
         with self.session() as s:
@@ -147,7 +148,7 @@ class Jobs:
             self._finish(job.id, keeper, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
         else:
             with self.session.begin() as s:
-                grant(s, self._with_ancestors(r.model.id for r in results), job.owner)
+                self._grant(s, [r.model.id for r in results], job.owner)
             self._finish(job.id, keeper, "succeeded", model_id=results[-1].model.id)
 
     def _finish(self, job_id: str, keeper: LeaseKeeper, state: str, *, model_id: str | None = None,

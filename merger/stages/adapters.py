@@ -49,7 +49,7 @@ def plan(stage: AdaptersStage, loc: tuple, context: PlanContext) -> tuple[StageP
     if base_info is not None and base_info.is_adapter:
         problems.append(Problem(base_loc, f"{spec.base!r} is an adapter, not a model"))
     inputs = [InputRef(base_loc, spec.base, base, "base", RELATION)]
-    base_label = _base_label(base, spec.base, context)
+    label = base_label(base, spec.base, context)
     configs = []
     for j, item in enumerate(spec.adapters):
         where = format_loc(loc + ("adapters", j, "path"))
@@ -60,19 +60,21 @@ def plan(stage: AdaptersStage, loc: tuple, context: PlanContext) -> tuple[StageP
             continue
         info = inspect_source(source, context, where, problems, adapter=True)
         if info is None:
-            continue
+            if source.kind != "stage":
+                continue  # its problem is reported
+            info = ModelInfo(path=Path(), is_adapter=True, adapter_config={})  # an earlier stage that failed to plan
         if not info.is_adapter:
             problems.append(Problem(where, f"{item.path!r} is a model, not a LoRA adapter"))
             continue
-        problems += [Problem(where, f"{item.path}: {msg}") for msg in _adapter_problems(info, base_info, base_label, spec)]
+        problems += [Problem(where, f"{item.path}: {msg}") for msg in _adapter_problems(info, base_info, label, spec)]
         inputs.append(InputRef(where, item.path, source, "adapter", RELATION, weight=item.weight))
         configs.append((where, info.adapter_config))
     problems += _rank_problems(spec, configs)
     output = base_info if spec.mode == "fold" else _combined_info(spec, configs, base_info)
-    return StagePlan(stage, inputs, output, {"base_label": base_label}), problems
+    return StagePlan(stage, inputs, output, {"base_label": label}), problems
 
 
-def _base_label(source: Source, text: str, context: PlanContext) -> str:
+def base_label(source: Source, text: str, context: PlanContext) -> str:
     """The name adapters record for their base: a Hub id where the base has one."""
     if source.kind == "store":
         model = context.resolver.store.get(source.model_id)
@@ -80,14 +82,14 @@ def _base_label(source: Source, text: str, context: PlanContext) -> str:
     return source.hub_id or text
 
 
-def _adapter_problems(info: ModelInfo, base_info: ModelInfo | None, base_label: str, spec) -> list[str]:
+def _adapter_problems(info: ModelInfo, base_info: ModelInfo | None, label: str, spec) -> list[str]:
     config = info.adapter_config or {}
     problems = lora.unsupported(config)
     if problems:
         return problems
     made_for = config.get("base_model_name_or_path")
-    if made_for and not spec.allow_other_base and made_for.rstrip("/").split("/")[-1] != base_label.rstrip("/").split("/")[-1]:
-        problems.append(f"was made for {made_for!r}, but the base is {base_label!r} (set allow_other_base: true if intended)")
+    if made_for and not spec.allow_other_base and made_for.rstrip("/").split("/")[-1] != label.rstrip("/").split("/")[-1]:
+        problems.append(f"was made for {made_for!r}, but the base is {label!r} (set allow_other_base: true if intended)")
     if base_info is None or not info.tensors:
         return problems
     found, leftovers = lora.modules(config, {k: shape for k, (_dtype, shape) in info.tensors.items()})
@@ -172,7 +174,7 @@ def _set_config_dtype(config_path: Path, dtype: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _combine(stage, base_dir: Path, adapters: list[tuple[Path, float]], out_dir: Path, base_label: str, report: Reporter) -> None:
+def _combine(stage, base_dir: Path, adapters: list[tuple[Path, float]], out_dir: Path, label: str, report: Reporter) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +199,7 @@ def _combine(stage, base_dir: Path, adapters: list[tuple[Path, float]], out_dir:
         shutil.move(str(path), out_dir / path.name)
     config_path = out_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_label  # PEFT would write the local path it loaded the base from
+    config["base_model_name_or_path"] = label  # PEFT would write the local path it loaded the base from
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     report(ProgressEvent(stage.name, "progress", len(adapters) + 1, len(adapters) + 1, unit="adapters"))
 

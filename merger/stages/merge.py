@@ -6,7 +6,6 @@ loads a pickle.
 """
 
 import importlib.resources
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +14,16 @@ import mergekit.merge
 import torch
 from mergekit._data import chat_templates
 from mergekit.common import ModelPath, ModelReference
-from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
-from transformers.utils import logging as hf_logging
 
-from merger.errors import Cancelled, Problem, format_loc
+from merger.errors import Problem, format_loc
 from merger.mergekit_refs import map_references, walk_references
 from merger.modelfiles import ModelInfo
 from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source
-from merger.progress import CancelCheck, ProgressEvent, Reporter
+from merger.progress import CancelCheck, Reporter
 from merger.recipe import RANDOMIZED_METHODS, MergeStage
 from merger.references import UnresolvedReference
+from merger.stages.mergekit_hooks import observed
 
 RELATION = "merge"
 MAX_SHAPE_PROBLEMS = 3
@@ -159,45 +157,9 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
         write_model_card=False,
         quiet=True,
     )
-    LoaderCache.loaders.clear()  # process-wide; would serve stale weights for a rewritten path
-    with _observed_executor(stage.name, report, should_cancel), _threads_for(config.merge_method), _quiet_transformers():
+    with observed(mergekit.merge, stage.name, report, should_cancel), _threads_for(config.merge_method):
         mergekit.merge.run_merge(config, str(out_dir), options=options)
-    LoaderCache.loaders.clear()
     return StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge")
-
-
-@contextmanager
-def _observed_executor(stage: str, report: Reporter, should_cancel: CancelCheck):
-    """mergekit has no progress or cancel hooks; its executor yields each finished tensor, so observe that."""
-    original = mergekit.merge.Executor
-
-    class ObservedExecutor(original):
-        def run(self, quiet: bool = False, desc: str | None = None):
-            total = len(self.targets)
-            report(ProgressEvent(stage, "progress", 0, total))
-            for done, item in enumerate(super().run(quiet=True, desc=desc), start=1):
-                report(ProgressEvent(stage, "progress", done, total))
-                if should_cancel():
-                    raise Cancelled(f"stage {stage} cancelled")
-                yield item
-
-    mergekit.merge.Executor = ObservedExecutor
-    try:
-        yield
-    finally:
-        mergekit.merge.Executor = original
-
-
-@contextmanager
-def _quiet_transformers():
-    """transformers' own progress bars and deprecation chatter would interleave with merger's progress."""
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 @contextmanager
