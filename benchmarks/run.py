@@ -1,8 +1,9 @@
-"""Benchmark `merger run` against the real `mergekit-yaml` on Gemma 3 270M.
+"""Benchmark `merger run` against its real peers on Gemma 3 270M: `mergekit-yaml` for merges, PEFT's
+`merge_and_unload` for folding LoRA adapters.
 
 One command, from the repo root:
 
-    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties] [--work DIR]
+    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties,fold] [--work DIR]
 
 1. prepare: import Gemma 3 270M into a benchmark store and copy it to <work>/models/base; fold each
    fixture LoRA adapter into it (float32, saved as bf16) as <work>/models/ft-{sentiment,json}.
@@ -10,7 +11,9 @@ One command, from the repo root:
 2. for each method, run both CLIs end to end (Python start-up included) on the same merge, in
    alternating order, measuring each child's wall time and peak RSS (os.wait4 reports the usage
    of that one child).
-3. check that merger's output tensors are bit-identical to mergekit's; print a table and write
+   fold: both fixture adapters at weight 1.0 into the base, merger's adapters stage vs
+   benchmarks/peft_fold.py.
+3. check that merger's output tensors are bit-identical to the peer's; print a table and write
    the rows to <work>/results.json.
 """
 
@@ -34,7 +37,7 @@ from safetensors.torch import load_file
 
 from merger.recipe import RANDOMIZED_METHODS
 
-METHODS = ("linear", "slerp", "ties", "dare_ties")
+METHODS = ("linear", "slerp", "ties", "dare_ties", "fold")
 # the LoRA fixtures live beside the checkout (../shared/fixtures), as on every developer and CI machine
 ADAPTERS = Path(os.environ.get("MERGER_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "adapters"
 FINE_TUNES = ("sentiment", "json")
@@ -53,10 +56,11 @@ class Measured:
 @dataclass
 class Row:
     method: str
-    mergekit_s: float
+    peer: str
+    peer_s: float
     merger_s: float
     time_ratio: float
-    mergekit_rss_gb: float
+    peer_rss_gb: float
     merger_rss_gb: float
     rss_ratio: float
     outputs_equal: bool
@@ -155,35 +159,49 @@ def bench(method: str, order: int, work: Path, models: Path) -> Row:
     runs = work / "runs" / method
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
-    mergekit_out = runs / "mergekit-out"
-    mergekit_cfg = write_yaml(runs / "mergekit.yaml", merge_config(method, lambda name: str(models / name)))
+    peer_out = runs / "peer-out"
     # merger names its output after the recipe file: bench-<method> in the store
-    merger_cfg = write_yaml(runs / f"bench-{method}.yaml", merge_config(method, lambda name: name) | {"seed": SEED})
-
-    def run_mergekit() -> Measured:
-        cmd = [str(BIN / "mergekit-yaml"), str(mergekit_cfg), str(mergekit_out), "--random-seed", str(SEED)]
+    if method == "fold":
+        peer = "peft merge_and_unload"
+        peer_cmd = [sys.executable, str(Path(__file__).parent / "peft_fold.py"), str(models / "base"), str(peer_out),
+                    *(str(ADAPTERS / task) for task in FINE_TUNES)]
+        merger_cfg = write_yaml(runs / "bench-fold.yaml", fold_recipe())
+        env = merger_env(work) | {"MERGER_MODEL_ROOTS": f"{models}:{ADAPTERS}"}
+    else:
+        peer = "mergekit-yaml"
+        mergekit_cfg = write_yaml(runs / "mergekit.yaml", merge_config(method, lambda name: str(models / name)))
+        peer_cmd = [str(BIN / "mergekit-yaml"), str(mergekit_cfg), str(peer_out), "--random-seed", str(SEED)]
         if method in RANDOMIZED_METHODS:  # a seeded random merge is reproducible only single-threaded; merger runs it so
-            cmd += ["--num-threads", "1"]
-        return measure(cmd, dict(os.environ), runs / "mergekit")
+            peer_cmd += ["--num-threads", "1"]
+        merger_cfg = write_yaml(runs / f"bench-{method}.yaml", merge_config(method, lambda name: name) | {"seed": SEED})
+        env = merger_env(work)
+
+    def run_peer() -> Measured:
+        return measure(peer_cmd, dict(os.environ), runs / "peer")
 
     def run_merger() -> Measured:
-        cmd = [str(BIN / "merger"), "run", str(merger_cfg), "--force", "--json"]
-        return measure(cmd, merger_env(work), runs / "merger")
+        return measure([str(BIN / "merger"), "run", str(merger_cfg), "--force", "--json"], env, runs / "merger")
 
-    console.print(f"[bold]{method}[/]: {'mergekit-yaml, then merger' if order % 2 == 0 else 'merger, then mergekit-yaml'}")
+    console.print(f"[bold]{method}[/]: {f'{peer}, then merger' if order % 2 == 0 else f'merger, then {peer}'}")
     if order % 2 == 0:
-        mk, mg = run_mergekit(), run_merger()
+        pr, mg = run_peer(), run_merger()
     else:
-        mg, mk = run_merger(), run_mergekit()
+        mg, pr = run_merger(), run_peer()
 
-    equal = same_tensors(mergekit_out / "model.safetensors", Path(json.loads(mg.stdout)["path"]) / "model.safetensors")
+    equal = same_tensors(peer_out / "model.safetensors", Path(json.loads(mg.stdout)["path"]) / "model.safetensors")
     console.print(f"  outputs equal: {'[green]yes' if equal else '[red]NO'}[/]")
     return Row(
-        method,
-        round(mk.seconds, 2), round(mg.seconds, 2), round(mg.seconds / mk.seconds, 3),
-        round(mk.peak_rss_gb, 3), round(mg.peak_rss_gb, 3), round(mg.peak_rss_gb / mk.peak_rss_gb, 3),
+        method, peer,
+        round(pr.seconds, 2), round(mg.seconds, 2), round(mg.seconds / pr.seconds, 3),
+        round(pr.peak_rss_gb, 3), round(mg.peak_rss_gb, 3), round(mg.peak_rss_gb / pr.peak_rss_gb, 3),
         equal,
     )
+
+
+def fold_recipe() -> dict:
+    """Both fixture adapters folded into the base at weight 1.0, as peft_fold.py does."""
+    adapters = [{"path": task, "weight": 1.0} for task in FINE_TUNES]  # found under the ADAPTERS root
+    return {"stages": [{"name": "bench-fold", "adapters": {"base": "base", "mode": "fold", "adapters": adapters}}]}
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -208,9 +226,9 @@ def main() -> None:
     models = prepare(work)
     rows = [bench(method, i, work, models) for i, method in enumerate(methods)]
 
-    table = Table(title="merger run vs mergekit-yaml (end-to-end CLI, Gemma 3 270M, base + 2 fine-tunes)")
-    for header in ("method", "mergekit-yaml s", "merger s", "time ratio", "mergekit peak RSS GB", "merger peak RSS GB", "RSS ratio", "outputs equal"):
-        table.add_column(header, justify="left" if header == "method" else "right", overflow="fold")
+    table = Table(title="merger run vs its peer (end-to-end CLI, Gemma 3 270M: base + 2 fine-tunes; fold: base + 2 LoRAs)")
+    for header in ("method", "peer", "peer s", "merger s", "time ratio", "peer peak RSS GB", "merger peak RSS GB", "RSS ratio", "outputs equal"):
+        table.add_column(header, justify="left" if header in ("method", "peer") else "right", overflow="fold")
     for r in rows:
         table.add_row(*(str(v) for v in asdict(r).values()))
     console.print(table)

@@ -80,7 +80,7 @@ def run(
                 tasks[event.stage] = bar.add_task(event.stage, total=None, unit=event.unit)
             task = tasks[event.stage]
             if event.phase == "progress":
-                bar.update(task, completed=event.done, total=event.total)
+                bar.update(task, completed=event.done, total=event.total, unit=event.unit)
             elif event.phase == "done":
                 note = "cached" if event.cache_hit else "done"
                 bar.update(task, description=f"{event.stage} ({note})", total=bar.tasks[task].total or 1,

@@ -194,7 +194,7 @@ def _combine(stage, base_dir: Path, adapters: list[tuple[Path, float]], out_dir:
     model.add_weighted_adapter(names, [w for _, w in adapters], "combined", combination_type=combination.type,
                                **{k: v for k, v in options.items() if v is not None})
     staging = out_dir.parent / "peft"
-    model.save_pretrained(str(staging), selected_adapters=["combined"])
+    model.save_pretrained(str(staging), selected_adapters=["combined"], save_embedding_layers=False)
     for path in (staging / "combined").iterdir():
         shutil.move(str(path), out_dir / path.name)
     config_path = out_dir / "adapter_config.json"
