@@ -148,16 +148,6 @@ class JobRow(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), comment="database lease (no Redis)")
 
 
-class WorkerRow(Base):
-    """Workers announce themselves, so the API knows whether a GPU queue has anyone listening."""
-
-    __tablename__ = "workers"
-
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    queues: Mapped[list] = mapped_column(JSON)
-    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
 def add_unless_exists(s: Session, row: Base) -> bool:
     """Insert ``row`` unless its primary key exists, also when another process inserts it concurrently."""
     if s.get(type(row), inspect(row).identity or _primary_key(row)) is not None:
@@ -191,4 +181,4 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 __all__ = ["Base", "ModelRow", "FileRow", "EdgeRow", "CacheRow", "RunRow", "UserRow", "TokenRow", "GrantRow", "JobRow",
-           "WorkerRow", "make_sessionmaker", "Engine"]
+           "make_sessionmaker", "Engine"]

@@ -59,13 +59,14 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers: list[subprocess.Popen] = []
-        self.api = self._spawn("api", [str(BIN / "merger"), "serve", "--port", str(self.port), "--workers", "0"])
+        self.api, _ = self._spawn("api", [str(BIN / "merger"), "serve", "--port", str(self.port), "--workers", "0"])
         wait_for(self._api_up, 60, "the API")
 
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}-{len(self.workers)}.log", "w")
+    def _spawn(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
+        path = self.logs / f"{name}-{len(self.workers)}.log"
         # own session: SIGKILL to the group takes the worker's job processes too
-        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=self.env, stdout=open(path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, path
 
     def _api_up(self) -> bool:
         try:
@@ -74,8 +75,12 @@ class Service:
             return False
 
     def start_worker(self) -> subprocess.Popen:
-        proc = self._spawn("worker", [str(BIN / "merger"), "worker", "--queues", "cpu"])
+        """A Celery worker on the cpu queue, once it is consuming (Celery logs "ready")."""
+        proc, log = self._spawn("worker", [str(BIN / "merger"), "worker", "--queues", "cpu"])
         self.workers.append(proc)
+        wait_for(lambda: " ready." in log.read_text() or proc.poll() is not None, 120, "a worker to be ready")
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited: {log.read_text()[-2000:]}")
         return proc
 
     def token(self, user: str) -> str:

@@ -2,11 +2,7 @@
 under ``MERGER_HOME`` so that one machine needs nothing else. Results live in merger's database, so
 Celery keeps none."""
 
-import socket
-import threading
-
 from celery import Celery
-from celery.signals import worker_ready
 from kombu import Queue
 
 from merger.settings import Settings
@@ -33,20 +29,3 @@ else:
     # kombu's SQLAlchemy transport hands these to create_engine; a long busy timeout for several workers
     app.conf.broker_transport_options = {"connect_args": {"timeout": 60}}
 
-
-@worker_ready.connect
-def _announce(sender, **_kwargs) -> None:
-    """Heartbeat: the API routes GPU jobs to the gpu queue only while a GPU worker is alive."""
-    from merger.service.jobs import heartbeat
-    from merger.store import Store
-
-    queues = sorted(q.name for q in sender.task_consumer.queues) if sender.task_consumer else []
-    name = sender.hostname or socket.gethostname()
-    session = Store(settings).session
-
-    def beat() -> None:
-        while True:
-            heartbeat(session, name, queues)
-            threading.Event().wait(20)
-
-    threading.Thread(target=beat, daemon=True, name="merger-heartbeat").start()

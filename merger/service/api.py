@@ -19,7 +19,7 @@ from merger.safe_yaml import load_recipe_text
 from merger.service.auth import can_see, owns, visible_to
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
-from merger.service.jobs import FINAL, Enqueue, Jobs
+from merger.service.jobs import FINAL, Jobs
 from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, ValidationOut, VisibilityIn
 from merger.settings import Settings
 from merger.store import HEX, LineageNode, Store
@@ -28,11 +28,11 @@ LOG = logging.getLogger(__name__)
 EVENT_POLL = 0.25
 
 
-def create_app(settings: Settings, enqueue: Enqueue | None = None) -> FastAPI:
-    if enqueue is None:
-        from merger.service.queue import enqueue
+def create_app(settings: Settings) -> FastAPI:
+    from merger.service.queue import enqueue, live_queues
+
     store = Store(settings)
-    svc = Service(settings, store, Jobs(settings, store, enqueue))
+    svc = Service(settings, store, Jobs(settings, store, enqueue, live_queues=live_queues))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -9,12 +9,11 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from merger.db import JobRow, WorkerRow, utcnow
+from merger.db import JobRow, utcnow
 from merger.errors import Cancelled, MergerError, RecipeError
 from merger.orchestrator import cached_results, check_recipe, run_recipe
 from merger.progress import ProgressEvent
@@ -26,14 +25,15 @@ from merger.store import Store
 LOG = logging.getLogger(__name__)
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 WRITE_EVERY = 0.5  # seconds between progress writes and cancel checks
-WORKER_ALIVE = timedelta(seconds=60)
 
 Enqueue = Callable[[str, str], None]  # (job id, queue)
+LiveQueues = Callable[[], set[str]]  # the queues some worker consumes now
 
 
 class Jobs:
-    def __init__(self, settings: Settings, store: Store, enqueue: Enqueue, leases: Leases | None = None):
-        self.settings, self.store, self.enqueue = settings, store, enqueue
+    def __init__(self, settings: Settings, store: Store, enqueue: Enqueue, leases: Leases | None = None,
+                 live_queues: LiveQueues = set):
+        self.settings, self.store, self.enqueue, self.live_queues = settings, store, enqueue, live_queues
         self.session = store.session
         self.leases = leases or make_leases(settings, store.session)
 
@@ -44,7 +44,7 @@ class Jobs:
         parsed = check_recipe(recipe, self.settings, self.store, default_name=name)
         cached = None if force else cached_results(parsed, self.settings, self.store)
         job = JobRow(id=uuid.uuid4().hex, owner=owner, recipe=recipe, recipe_name=name, force=force,
-                     queue="gpu" if gpu and self.gpu_workers_alive() else "cpu", state="queued")
+                     queue="gpu" if gpu and "gpu" in self.live_queues() else "cpu", state="queued")
         if cached:
             job.state, job.model_id, job.finished_at = "succeeded", cached[-1].id, utcnow()
         with self.session.begin() as s:
@@ -86,11 +86,6 @@ class Jobs:
             visit(self.store.lineage(model_id))
         grant(s, [m for m in seen if m not in outputs], user)
         grant(s, outputs, user, owner=True)
-
-    def gpu_workers_alive(self) -> bool:
-        with self.session() as s:
-            workers = s.scalars(select(WorkerRow).where(WorkerRow.last_seen > utcnow() - WORKER_ALIVE))
-            return any("gpu" in w.queues for w in workers)
 
     def reap(self) -> list[str]:
         """Re-enqueue running jobs whose lease lapsed (their worker died); returns their ids."""
@@ -185,12 +180,3 @@ class _Progress:
                 self._cancel = bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == self.job_id)))
         return self._cancel
 
-
-def heartbeat(session, name: str, queues: list[str]) -> None:
-    """Record that a worker listening on ``queues`` is alive."""
-    with session.begin() as s:
-        row = s.get(WorkerRow, name)
-        if row is None:
-            s.add(WorkerRow(name=name, queues=queues))
-        else:
-            row.queues, row.last_seen = queues, utcnow()
