@@ -1,14 +1,12 @@
 """Settings, read from the environment with the prefix ``MERGER_``."""
 
-from functools import cached_property
+import os
 from pathlib import Path
+from typing import Annotated
 
 from platformdirs import user_data_dir
-import os
-
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 def _default_home() -> Path:
@@ -49,7 +47,7 @@ class Settings(BaseSettings):
         self.home = self.home.expanduser().resolve()
         self.model_roots = [Path(r).expanduser().resolve() for r in self.model_roots]
 
-    @cached_property
+    @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'merger.db'}"
 
