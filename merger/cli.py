@@ -271,7 +271,8 @@ def submit(
     if wait and job["state"] not in ("succeeded", "failed", "cancelled"):
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
             task = bar.add_task(f"{job['id'][:8]} queued", total=None)
-            for job in client.events(job["id"]):
+            for event in client.events(job["id"]):  # the stream ends with the job's final state
+                job = event
                 bar.update(task, description=f"{job['id'][:8]} {job['state']} {job['stage'] or ''}",
                            completed=job["done"], total=job["total"] or None)
     if as_json:

@@ -92,7 +92,7 @@ def _plans(recipe: Recipe, settings: Settings, store: Store) -> list[StagePlan]:
 def _cache_key(plan: StagePlan, inputs: list[ModelRow], versions: dict) -> str:
     """Same stage recipe, same input content, same software: same output."""
     stage = plan.stage.model_dump(mode="json")
-    return digest_json({"stage": stage, "inputs": [[i.loc, i.role, m.id] for i, m in zip(plan.inputs, inputs)], "versions": versions})
+    return digest_json({"stage": stage, "inputs": [[i.loc, i.role, m.id] for i, m in zip(plan.inputs, inputs, strict=True)], "versions": versions})
 
 
 def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings, store: Store,
@@ -122,7 +122,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
             raise
         except Exception as exc:  # the engine's own errors: name the stage, keep the cause chained
             raise StageFailed(f"stage {stage.name!r} failed in {stage.kind}: {type(exc).__name__}: {exc}") from exc
-        parents = [(inp.role, model, inp.weight) for inp, model in zip(plan.inputs, inputs)]
+        parents = [(inp.role, model, inp.weight) for inp, model in zip(plan.inputs, inputs, strict=True)]
         (out_dir / "README.md").write_text(
             render_card(
                 name=stage.name, relation=output.card_relation, summary=runner.summary(stage), parents=parents,
@@ -137,7 +137,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
             architecture=output.architecture,
             parents=[
                 Parent(m.id, inp.relation, inp.role, inp.weight, {"loc": inp.loc, "ref": inp.text, **({"applied_to": inp.applied_to} if inp.applied_to else {})})
-                for inp, m in zip(plan.inputs, inputs)
+                for inp, m in zip(plan.inputs, inputs, strict=True)
             ],
             recipe=normalized,
             recipe_digest=digest_json(normalized),

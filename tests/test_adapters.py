@@ -11,7 +11,6 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from merger import lora
 from merger.errors import RecipeError
 from merger.orchestrator import check_recipe, run_recipe
 from tests.tiny_models import make_lora

@@ -1,6 +1,5 @@
 """merger's merge stage produces exactly the tensors `mergekit-yaml` produces for the same config."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path

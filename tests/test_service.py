@@ -3,7 +3,6 @@
 import io
 import subprocess
 import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
@@ -161,11 +160,17 @@ def test_twenty_jobs_from_two_users_stay_private(service):
     assert users["bob"].get(f"/v1/models/{shared}").status_code == 200
 
 
-def test_only_owners_change_visibility_and_files_answer_head(service):
+def test_only_owners_change_visibility_and_files_answer_head(service, tmp_path):
     service.start_worker()
-    alice, bob = (service.client(service.token(u)) for u in ("alice", "bob"))
-    job = finished(alice, alice.post("/v1/jobs", json={"recipe": linear(0.35), "name": "owned"}).json()["id"], 120)
-    model_id = job["model_id"]
+    tokens = {u: service.token(u) for u in ("alice", "bob")}
+    alice, bob = (service.client(tokens[u]) for u in ("alice", "bob"))
+    recipe = tmp_path / "owned.yaml"
+    recipe.write_text(linear(0.35))
+    submitted = subprocess.run([str(BIN / "merger"), "submit", str(recipe), "--wait", "--server", service.url,
+                                "--token", tokens["alice"]], capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stderr
+    model_id = submitted.stdout.strip()
+    assert alice.get(f"/v1/models/{model_id}").json()["name"] == "owned"
     head = alice.head(f"/v1/models/{model_id[:12]}/files/config.json")
     assert head.status_code == 200 and head.headers["etag"].strip('"') == head.headers["x-sha256"] and not head.content
     assert alice.post(f"/v1/models/{model_id}/visibility", json={"public": True}).status_code == 200

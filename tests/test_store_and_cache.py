@@ -145,7 +145,6 @@ def test_recipes_refer_to_stored_models_by_name_and_id_prefix(settings, store, t
     import sys
     from pathlib import Path
 
-    from tests.tiny_models import write_yaml
 
     blend, _final = run(TWO_STAGES, settings, store)
     by_name = {"merge_method": "linear", "models": [{"model": "blend", "parameters": {"weight": 0.5}},

@@ -72,10 +72,8 @@ def test_cli_validate_reports_all_problems_exit_2_no_traceback(settings, tmp_pat
 
 
 def test_shape_mismatch_is_found_from_headers(settings, store, model_root, tmp_path):
-    from tests.tiny_models import make_family
 
     # a same-architecture model with a different width, under the same root
-    wide_root = tmp_path / "wide"
     import transformers
 
     cfg = transformers.AutoConfig.from_pretrained(model_root / "llama-base")

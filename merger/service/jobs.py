@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Callable
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from merger.db import JobRow, utcnow
 from merger.errors import Cancelled, MergerError, RecipeError

@@ -138,9 +138,9 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     weights = [inp.weight for inp in plan.inputs[1:]]
     architecture = plan.output_info.architecture if plan.output_info else None
     if stage.adapters.mode == "fold":
-        _fold(stage, base_dir, list(zip(adapter_dirs, weights)), out_dir, report, should_cancel)
+        _fold(stage, base_dir, list(zip(adapter_dirs, weights, strict=True)), out_dir, report, should_cancel)
         return StageOutput(architecture, kind="model", card_relation="finetune")
-    _combine(stage, base_dir, list(zip(adapter_dirs, weights)), out_dir, plan.details["base_label"], report)
+    _combine(stage, base_dir, list(zip(adapter_dirs, weights, strict=True)), out_dir, plan.details["base_label"], report)
     return StageOutput(architecture, kind="adapter", card_relation="adapter", library="peft")
 
 
