@@ -220,9 +220,9 @@ def serve(
 @app.command()
 def worker(
     queues: Annotated[Optional[str], typer.Option(help="Comma-separated queues (default: gpu,cpu with CUDA, else cpu)")] = None,
-    concurrency: int = 1,
+    concurrency: Annotated[int, typer.Option(help="Jobs at once (Redis broker only; embedded workers run one)")] = 1,
 ) -> None:
-    """Run a Celery worker that executes queued jobs (one process per job)."""
+    """Run a Celery worker that executes queued jobs (on Redis, a fresh process per job)."""
     import os
 
     import torch
@@ -230,8 +230,11 @@ def worker(
     from worker.app import app as celery_app
 
     queues = queues or ("gpu,cpu" if torch.cuda.is_available() else "cpu")  # a GPU worker takes CPU jobs when idle
-    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", "prefork", "-l", "INFO",
-                            "-n", f"merger-{os.getpid()}@%h"])
+    # On Redis: prefork, a fresh process per job. On the embedded SQLite broker kombu polls SQLite while
+    # billiard forks from another thread, and a child can inherit SQLite's lock and hang: run jobs in the
+    # worker process itself (one at a time; start more workers for more).
+    pool = ["-P", "prefork", "-c", str(concurrency)] if Settings().uses_redis else ["-P", "solo"]
+    celery_app.worker_main(["worker", "-Q", queues, *pool, "-l", "INFO", "-n", f"merger-{os.getpid()}@%h"])
 
 
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
