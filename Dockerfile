@@ -15,7 +15,10 @@ FROM python:3.11-slim AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    MERGER_TOOLS_DIR=/opt/merger-tools
+# a compiler for llama-cpp-python (the gguf extra: llama.cpp's quantizer), which PyPI ships as source only
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -26,10 +29,11 @@ RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC" \
 
 # Dependencies first, read from pyproject.toml: this layer is rebuilt when pyproject.toml changes,
 # not on every source edit. EXTRAS: comma-separated optional-dependency groups (postgres for the
-# compose stack's database; the gemma extra is left out on purpose: it is model weights).
+# compose stack's database, gguf for GGUF quantize stages; the gemma extra is left out on purpose: it
+# is model weights).
 WORKDIR /src
 COPY pyproject.toml README.md ./
-ARG EXTRAS=postgres
+ARG EXTRAS=postgres,gguf
 RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; x = p.get("optional-dependencies", {}); print("\n".join(p["dependencies"] + [r for e in sys.argv[1].split(",") if e for r in x[e]]))' "$EXTRAS" > /tmp/requirements.txt \
  && cat /tmp/requirements.txt \
  && pip install -c /opt/torch-constraint.txt -r /tmp/requirements.txt
@@ -39,7 +43,8 @@ COPY merger ./merger
 COPY worker ./worker
 RUN pip install -c /opt/torch-constraint.txt --no-deps . \
  && pip check \
- && python -c "import torch, uvicorn, merger.cli, merger.service.api, merger.service.client, worker.tasks; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+ && python -c "import torch, uvicorn, merger.cli, merger.service.api, merger.service.client, worker.tasks; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+ && merger setup-gguf
 
 
 FROM python:3.11-slim
@@ -50,7 +55,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     MERGER_HOME=/data \
-    MERGER_MODEL_ROOTS=/models
+    MERGER_MODEL_ROOTS=/models \
+    MERGER_TOOLS_DIR=/opt/merger-tools
 
 # Non-root. /data belongs to it, so a new named volume mounted there starts out writable by it
 # (Docker copies the image directory's owner into an empty named volume).
@@ -58,6 +64,7 @@ RUN useradd --create-home --uid 10001 --user-group merger \
  && mkdir -p /data /models \
  && chown merger:merger /data
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/merger-tools /opt/merger-tools
 
 USER merger
 WORKDIR /home/merger

@@ -185,6 +185,15 @@ def import_gguf(
         print(model.id)
 
 
+@app.command("setup-gguf")
+def setup_gguf() -> None:
+    """Install llama.cpp's HF -> GGUF converter (from the installed llama-cpp-python's sdist) for quantize stages."""
+    from merger.gguf_tools import install_converter
+
+    settings = Settings()
+    print(install_converter(settings.tools_dir, say=err.print))
+
+
 # --- the service -------------------------------------------------------------------------------------------
 
 ServerOpt = Annotated[Optional[str], typer.Option("--server", help="API URL (default: MERGER_SERVER)")]

@@ -1,7 +1,8 @@
 """Reading model and adapter directories without loading weights: configs and safetensors headers only.
 
 Pickle-based weights (.bin .pt .pth .pkl .ckpt) can execute code when loaded, so a directory holding
-any is refused by name.
+any is refused by name; so is one that needs remote code (Python files, or ``auto_map`` in a config).
+A directory holding one ``.gguf`` file and no safetensors is a GGUF model (what the quantize stage writes).
 """
 
 import json
@@ -22,6 +23,7 @@ class ModelInfo:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (dtype, shape)
     is_adapter: bool = False
     adapter_config: dict | None = None
+    gguf_file: Path | None = None  # set for a GGUF model directory
 
 
 class ModelDirError(Exception):
@@ -56,7 +58,13 @@ def inspect_dir(path: Path, *, adapter: bool = False) -> ModelInfo:
     if pickles:
         names = ", ".join(str(p.relative_to(path)) for p in pickles[:5])
         raise ModelDirError(f"{path}: holds pickle files ({names}); only safetensors weights are accepted, convert them first")
+    code = sorted(p.name for p in path.rglob("*.py"))
+    if code:
+        raise ModelDirError(f"{path}: holds Python code ({', '.join(code[:5])}); models that need remote code are refused")
     shards = sorted(path.glob("*.safetensors"))
+    ggufs = sorted(path.glob("*.gguf"))
+    if not shards and len(ggufs) == 1 and not adapter:
+        return _inspect_gguf(path, ggufs[0])
     if not shards:
         raise ModelDirError(f"{path}: holds no .safetensors weights")
     info = ModelInfo(path=path, is_adapter=adapter)
@@ -64,6 +72,9 @@ def inspect_dir(path: Path, *, adapter: bool = False) -> ModelInfo:
         info.tensors.update(safetensors_header(shard))
     config_name = "adapter_config.json" if adapter else "config.json"
     config = _read_json(path / config_name)
+    for name in (config_name, "tokenizer_config.json"):
+        if (path / name).is_file() and "auto_map" in _read_json(path / name):
+            raise ModelDirError(f"{path / name}: has auto_map (the model needs remote code); refused")
     if adapter:
         info.adapter_config = config
     else:
@@ -72,6 +83,18 @@ def inspect_dir(path: Path, *, adapter: bool = False) -> ModelInfo:
         text_config = config.get("text_config") or {}
         info.num_layers = config.get("num_hidden_layers", text_config.get("num_hidden_layers"))
     return info
+
+
+def _inspect_gguf(path: Path, gguf_file: Path) -> ModelInfo:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf_file)
+    except (ValueError, OSError) as exc:
+        raise ModelDirError(f"{gguf_file}: not a readable GGUF file ({exc})") from None
+    arch = reader.get_field("general.architecture")
+    tensors = {t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+    return ModelInfo(path=path, model_type=arch.contents() if arch else None, tensors=tensors, gguf_file=gguf_file)
 
 
 def _read_json(path: Path) -> dict:

@@ -7,7 +7,7 @@ model card, and publish the result atomically into the store with its lineage.
 
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,18 @@ class StageResult:
 def software_versions() -> dict[str, str]:
     versions = {name: version(name) for name in ("mergekit", "transformers", "torch", "peft", "safetensors")}
     return {"merger": __version__, **versions}
+
+
+def _stage_versions(plan: StagePlan, versions: dict[str, str]) -> dict[str, str]:
+    """The common versions plus the packages only this stage kind runs (``SOFTWARE`` of its runner)."""
+    return versions | {name: _installed_version(name) for name in getattr(STAGE_RUNNERS[plan.stage.kind], "SOFTWARE", ())}
+
+
+def _installed_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def check_recipe(data: Any, settings: Settings, store: Store, *, default_name: str) -> Recipe:
@@ -78,7 +90,7 @@ def cached_results(recipe: Recipe, settings: Settings, store: Store) -> list[Mod
     outputs: dict[str, ModelRow] = {}
     for plan in _plans(recipe, settings, store):
         inputs = [_input_model(inp, outputs, store) for inp in plan.inputs]
-        model = store.cached(_cache_key(plan, inputs, versions))
+        model = store.cached(_cache_key(plan, inputs, _stage_versions(plan, versions)))
         if model is None:
             return None
         outputs[plan.stage.name] = model
@@ -98,6 +110,7 @@ def _cache_key(plan: StagePlan, inputs: list[ModelRow], versions: dict) -> str:
 def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings, store: Store,
                versions: dict, force: bool, report: Reporter, should_cancel: CancelCheck) -> StageResult:
     stage = plan.stage
+    versions = _stage_versions(plan, versions)
     started = time.monotonic()
     report(ProgressEvent(stage.name, "start"))
     inputs = [_input_model(inp, outputs, store) for inp in plan.inputs]

@@ -54,15 +54,24 @@ class PlanContext:
         return frozenset(self.outputs)
 
 
-def inspect_source(source: Source, context: PlanContext, where: str, problems: list[Problem], *, adapter: bool = False) -> ModelInfo | None:
-    """What validation needs to know of an input: an earlier stage's predicted output, or its directory."""
+def inspect_source(source: Source, context: PlanContext, where: str, problems: list[Problem], *, adapter: bool = False,
+                   gguf_ok: bool = False) -> ModelInfo | None:
+    """What validation needs to know of an input: an earlier stage's predicted output, or its directory.
+
+    A GGUF model is a problem unless ``gguf_ok``: only evaluation reads GGUF; the other stages need safetensors.
+    """
     if source.kind == "stage":
-        return context.outputs.get(source.stage)
-    try:
-        return inspect_dir(source.path, adapter=adapter)
-    except ModelDirError as exc:
-        problems.append(Problem(where, str(exc)))
+        info = context.outputs.get(source.stage)
+    else:
+        try:
+            info = inspect_dir(source.path, adapter=adapter)
+        except ModelDirError as exc:
+            problems.append(Problem(where, str(exc)))
+            return None
+    if info is not None and info.gguf_file is not None and not gguf_ok:
+        problems.append(Problem(where, "a GGUF model (a quantized export); this stage needs safetensors weights, use its source"))
         return None
+    return info
 
 
 def plan_draft(draft: Draft, resolver: Resolver) -> list[StagePlan]:

@@ -17,6 +17,7 @@ from mergekit.merge_methods.base import BasePolicy
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from merger.errors import Problem, RecipeError, format_loc
+from merger.gguf_tools import GGUF_TYPES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 RANDOMIZED_METHODS = frozenset({"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
@@ -120,7 +121,36 @@ class ExtractLoraStage(_Strict):
         return []
 
 
-STAGE_KINDS: dict[str, type[_Strict]] = {"merge": MergeStage, "adapters": AdaptersStage, "extract_lora": ExtractLoraStage}
+QUANTIZE_TYPES = {"gguf": GGUF_TYPES, "torchao": ("int8", "int4")}
+
+
+class QuantizeSpec(_Strict):
+    model: str = Field(description="The model to quantize (a model reference with safetensors weights)")
+    format: Literal[tuple(QUANTIZE_TYPES)] = Field(  # type: ignore[valid-type]
+        default="gguf", description="gguf: one file for llama.cpp / Ollama; torchao: a transformers directory")
+    type: str = Field(description="gguf: " + ", ".join(GGUF_TYPES) + "; torchao: int8 (CPU or GPU), int4 (GPU workers only)")
+
+    @model_validator(mode="after")
+    def _type_of_format(self):
+        if self.type not in QUANTIZE_TYPES[self.format]:
+            raise ValueError(f"type {self.type!r} is not a {self.format} type; choose one of {', '.join(QUANTIZE_TYPES[self.format])}")
+        return self
+
+
+class QuantizeStage(_Strict):
+    """A quantized copy of a model: GGUF (llama.cpp's converter and quantizer) or torchao (transformers)."""
+
+    kind: ClassVar[str] = "quantize"
+    name: str = Field(pattern=NAME_PATTERN)
+    quantize: QuantizeSpec
+
+    @classmethod
+    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
+        return []
+
+
+STAGE_KINDS: dict[str, type[_Strict]] = {"merge": MergeStage, "adapters": AdaptersStage, "extract_lora": ExtractLoraStage,
+                                         "quantize": QuantizeStage}
 Stage = Union[tuple(STAGE_KINDS.values())]  # type: ignore[valid-type]
 
 

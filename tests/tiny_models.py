@@ -14,7 +14,7 @@ def tiny_config(arch: str, **sizes):
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128) | sizes
     if arch == "gemma3":
-        return Gemma3TextConfig(**common, head_dim=16, sliding_window=32, dtype="bfloat16",
+        return Gemma3TextConfig(**({"head_dim": 16} | common), sliding_window=32, dtype="bfloat16",
                                 architectures=["Gemma3ForCausalLM"])
     if arch == "llama":
         return LlamaConfig(**common, dtype="bfloat16", architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
@@ -80,4 +80,50 @@ def make_lora(base_dir: Path, out: Path, *, seed: int, r: int = 4, alpha: int = 
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     model.save_pretrained(out)
+    return out
+
+
+# Rows of 256 let llama.cpp use its K-quants (super-blocks of 256); a SentencePiece tokenizer.model is what
+# llama.cpp's converter reads for Gemma and Llama vocabularies.
+GGUF_SIZES = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+SPECIAL_TOKENS = {"pad": (0, "<pad>"), "eos": (1, "<eos>"), "bos": (2, "<bos>"), "unk": (3, "<unk>")}
+WORDS = "the quick brown fox jumps over a lazy dog review positive negative name age city json text".split()
+
+
+def train_sentencepiece(path: Path, vocab_size: int = 320) -> Path:
+    """A small BPE SentencePiece model with byte fallback (pad 0, eos 1, bos 2, unk 3: Gemma's ids and names)."""
+    import sentencepiece as spm
+
+    sentences = (" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12)) for i in range(400))
+    spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=(writer := _BytesWriter()), vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2,
+                                   **{f"{name}_{key}": value for name, (i, piece) in SPECIAL_TOKENS.items()
+                                      for key, value in (("id", i), ("piece", piece))})
+    path.write_bytes(writer.data)
+    return path
+
+
+class _BytesWriter:
+    data = b""
+
+    def write(self, chunk: bytes) -> None:
+        self.data += chunk
+
+
+def make_sentencepiece_model(root: Path, arch: str, seed: int = 0) -> Path:
+    """A tiny bf16 model whose directory llama.cpp's converter accepts: ``{arch}-spm``."""
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    out = root / f"{arch}-spm"
+    out.mkdir(parents=True)
+    train_sentencepiece(out / "tokenizer.model")
+    tokenizer_class = GemmaTokenizer if arch == "gemma3" else LlamaTokenizer
+    special = {f"{name}_token": piece for name, (_, piece) in SPECIAL_TOKENS.items()}
+    tokenizer_class.from_pretrained(out, add_bos_token=True, **special).save_pretrained(out)
+    # Gemma 3: head_dim = query_pre_attn_scalar (256), as in Gemma 3 270M; llama.cpp scales attention by
+    # head_dim^-0.5 and a GGUF has no key for the scalar, so other values would load differently
+    config = tiny_config(arch, vocab_size=320, **GGUF_SIZES, **({"head_dim": 256} if arch == "gemma3" else {}))
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, 2
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out)
     return out

@@ -4,6 +4,6 @@ A runner module provides ``plan(stage, loc, context) -> (StagePlan | None, [Prob
 check, no heavy work) and ``run(plan, inputs, out_dir, work_dir, report, should_cancel) -> RunInfo``.
 """
 
-from merger.stages import adapters, extract_lora, merge
+from merger.stages import adapters, extract_lora, merge, quantize
 
-STAGE_RUNNERS = {"merge": merge, "adapters": adapters, "extract_lora": extract_lora}
+STAGE_RUNNERS = {"merge": merge, "adapters": adapters, "extract_lora": extract_lora, "quantize": quantize}
