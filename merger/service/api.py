@@ -19,6 +19,7 @@ from merger.safe_yaml import load_recipe_text
 from merger.service.auth import can_see, owns, visible_to
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
+from merger.service.hub import router as hub_router
 from merger.service.jobs import FINAL, Jobs
 from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, ValidationOut, VisibilityIn
 from merger.settings import Settings
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="merger", version=__version__, lifespan=lifespan)
     app.state.service = svc
     _routes(app)
+    app.include_router(hub_router)  # after /v1: its /{owner}/{name}/resolve/... paths are the broadest
     return app
 
 

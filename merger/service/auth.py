@@ -47,7 +47,14 @@ def can_see(s: Session, model_id: str, user: str) -> bool:
     return bool(s.scalar(select(visible_to(user)).where(ModelRow.id == model_id)))
 
 
-def visible_to(user: str):
-    """SQL condition: the model is public or granted to ``user``."""
+def visible_to(user: str | None):
+    """SQL condition: the model is public or granted to ``user`` (None, a caller without a token: public only)."""
+    if user is None:
+        return ModelRow.public.is_(True)
     granted = exists().where(GrantRow.model_id == ModelRow.id, GrantRow.user == user)
     return or_(ModelRow.public.is_(True), granted)
+
+
+def owned_by(user: str):
+    """SQL condition: ``user`` owns the model (a job of theirs produced it)."""
+    return exists().where(GrantRow.model_id == ModelRow.id, GrantRow.user == user, GrantRow.owner.is_(True))

@@ -10,6 +10,9 @@ from merger.service.jobs import Jobs
 from merger.settings import Settings
 from merger.store import Store
 
+# the Hugging Face Hub's words for a token it does not know (huggingface_hub then reports a bad token, not a missing repo)
+INVALID_TOKEN = "Invalid credentials in Authorization header"
+
 
 @dataclass
 class Service:
@@ -22,20 +25,45 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
+def _single_user(svc: Service) -> str:
+    with svc.store.session.begin() as s:
+        ensure_user(s, SINGLE_USER)
+    return SINGLE_USER
+
+
+def _bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _token_user(svc: Service, token: str) -> str | None:
+    with svc.store.session() as s:
+        return user_for_token(s, token)
+
+
 def current_user(request: Request, svc: Annotated[Service, Depends(service)]) -> str:
     if svc.settings.single_user:
-        with svc.store.session.begin() as s:
-            ensure_user(s, SINGLE_USER)
-        return SINGLE_USER
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    user = None
-    if scheme.lower() == "bearer" and token:
-        with svc.store.session() as s:
-            user = user_for_token(s, token.strip())
+        return _single_user(svc)
+    token = _bearer_token(request)
+    user = _token_user(svc, token) if token else None
     if user is None:
         raise HTTPException(401, "a valid API token is required (Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
     return user
 
 
+def optional_user(request: Request, svc: Annotated[Service, Depends(service)]) -> str | None:
+    """The calling user, or None for a request without a token (it may read public models); an unknown token is refused."""
+    if svc.settings.single_user:
+        return _single_user(svc)
+    token = _bearer_token(request)
+    if token is None:
+        return None
+    user = _token_user(svc, token)
+    if user is None:
+        raise HTTPException(401, INVALID_TOKEN, headers={"WWW-Authenticate": "Bearer", "X-Error-Message": INVALID_TOKEN})
+    return user
+
+
 ServiceDep = Annotated[Service, Depends(service)]
 UserDep = Annotated[str, Depends(current_user)]
+OptionalUserDep = Annotated[str | None, Depends(optional_user)]

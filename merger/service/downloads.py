@@ -12,9 +12,9 @@ BLOCK = 512
 CHUNK = 1 << 20
 
 
-def file_response(root: Path, entry) -> FileResponse:
+def file_response(root: Path, entry, headers: dict[str, str] | None = None) -> FileResponse:
     """``entry`` is a FileRow; Starlette answers Range requests (206) and HEAD from the file itself."""
-    return FileResponse(root / entry.path, headers={"etag": f'"{entry.sha256}"', "x-sha256": entry.sha256},
+    return FileResponse(root / entry.path, headers={"etag": f'"{entry.sha256}"', "x-sha256": entry.sha256, **(headers or {})},
                         media_type="application/octet-stream")
 
 

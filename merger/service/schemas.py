@@ -105,3 +105,36 @@ class LineageOut(BaseModel):
 
 class VisibilityIn(BaseModel):
     public: bool
+
+
+# --- the Hugging Face Hub protocol subset (field names are the Hub's) ---------------------------------------
+
+
+class HubSibling(BaseModel):
+    rfilename: str
+
+
+class HubModelInfo(BaseModel):
+    id: str = Field(description="OWNER/NAME")
+    author: str
+    sha: str = Field(description="The revision's commit: the first 40 hex digits of the model's content id")
+    private: bool
+    gated: bool = False
+    disabled: bool = False
+    createdAt: str = Field(description="UTC, milliseconds, a trailing Z: the one form huggingface_hub parses")
+    lastModified: str
+    siblings: list[HubSibling]
+
+
+class HubLfs(BaseModel):
+    oid: str = Field(description="The file's sha256")
+    size: int
+    pointerSize: int
+
+
+class HubTreeEntry(BaseModel):
+    type: str = Field(description="file | directory")
+    oid: str
+    size: int
+    path: str
+    lfs: HubLfs | None = None
