@@ -6,6 +6,7 @@ sdist of the installed llama-cpp-python version (from the package index, once pe
 and quantizer always come from the same llama.cpp. The quantizer is ``llama_cpp.llama_model_quantize``.
 """
 
+import logging
 import os
 import re
 import subprocess
@@ -123,6 +124,7 @@ def quantize(source: Path, dest: Path, gguf_type: str, threads: int) -> None:
     """llama.cpp's quantizer (the one llama-quantize runs) from a bf16/f16 GGUF to ``gguf_type``."""
     import llama_cpp
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp logs every tensor otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[gguf_type]
     params.nthread = threads
