@@ -1,7 +1,8 @@
 """Reading model and adapter directories without loading weights: configs and safetensors headers only.
 
 Pickle-based weights (.bin .pt .pth .pkl .ckpt) can execute code when loaded, so a directory holding
-any is refused by name.
+any is refused by name; so is one whose config names code of its own to import (``auto_map``: it needs
+``trust_remote_code``, which merger never grants).
 """
 
 import json
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -30,6 +32,11 @@ class ModelDirError(Exception):
 
 def pickle_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def remote_code_configs(path: Path) -> list[str]:
+    """The configs in ``path`` whose ``auto_map`` asks transformers to import the model's own code."""
+    return [name for name in REMOTE_CODE_CONFIGS if (path / name).is_file() and _read_json(path / name).get("auto_map")]
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -56,6 +63,9 @@ def inspect_dir(path: Path, *, adapter: bool = False) -> ModelInfo:
     if pickles:
         names = ", ".join(str(p.relative_to(path)) for p in pickles[:5])
         raise ModelDirError(f"{path}: holds pickle files ({names}); only safetensors weights are accepted, convert them first")
+    remote = remote_code_configs(path)
+    if remote:
+        raise ModelDirError(f"{path}: auto_map in {', '.join(remote)} names the model's own code to run; merger never runs remote code")
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ModelDirError(f"{path}: holds no .safetensors weights")
