@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from merger import __version__
-from merger.card import render_card
+from merger.card import CardInput, render_card
 from merger.db import ModelRow
 from merger.errors import Cancelled, MergerError, StageFailed
 from merger.hashing import digest_json
-from merger.planning import InputRef, StagePlan, plan_draft
+from merger.planning import InputRef, StageOutput, StagePlan, plan_draft
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
 from merger.recipe import Draft, Recipe, draft_recipe
 from merger.references import Resolver
@@ -111,34 +111,14 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
         report(ProgressEvent(stage.name, "done", model_id=cached.id, cache_hit=True))
         return StageResult(stage.name, cached, True, seconds)
 
-    runner = STAGE_RUNNERS[stage.kind]
     with store.staging() as work:
-        out_dir = work / "out"
-        out_dir.mkdir()
-        dirs = [store.path_of(m) for m in inputs]
-        try:
-            output = runner.run(plan, dirs, out_dir, work, report, should_cancel)
-        except MergerError:
-            raise
-        except Exception as exc:  # the engine's own errors: name the stage, keep the cause chained
-            raise StageFailed(f"stage {stage.name!r} failed in {stage.kind}: {type(exc).__name__}: {exc}") from exc
-        parents = [(inp.role, model, inp.weight) for inp, model in zip(plan.inputs, inputs, strict=True)]
-        (out_dir / "README.md").write_text(
-            render_card(
-                name=stage.name, relation=output.card_relation, summary=runner.summary(stage), parents=parents,
-                recipe=normalized, versions=versions, library=output.library,
-            ),
-            encoding="utf-8",
-        )
+        out_dir, output = _build(plan, inputs, versions, store, work, report, should_cancel)
         model = store.publish(
             out_dir,
             name=stage.name,
             kind=output.kind,
             architecture=output.architecture,
-            parents=[
-                Parent(m.id, inp.relation, inp.role, inp.weight, {"loc": inp.loc, "ref": inp.text, **({"applied_to": inp.applied_to} if inp.applied_to else {})})
-                for inp, m in zip(plan.inputs, inputs, strict=True)
-            ],
+            parents=[Parent(m.id, inp.relation, inp.role, inp.weight, _edge_details(inp)) for inp, m in zip(plan.inputs, inputs, strict=True)],
             recipe=normalized,
             recipe_digest=digest_json(normalized),
             versions=versions,
@@ -148,6 +128,33 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
     store.record_run(stage=stage.name, cache_key=key, model_id=model.id, cache_hit=False, seconds=seconds)
     report(ProgressEvent(stage.name, "done", model_id=model.id))
     return StageResult(stage.name, model, False, seconds)
+
+
+def _build(plan: StagePlan, inputs: list[ModelRow], versions: dict, store: Store, work: Path,
+           report: Reporter, should_cancel: CancelCheck) -> tuple[Path, StageOutput]:
+    """Run a stage's runner into ``work/out`` and write its card; ``inputs[i]`` is the model behind ``plan.inputs[i]``."""
+    stage = plan.stage
+    runner = STAGE_RUNNERS[stage.kind]
+    out_dir = work / "out"
+    out_dir.mkdir()
+    try:
+        output = runner.run(plan, [store.path_of(m) for m in inputs], out_dir, work, report, should_cancel)
+    except MergerError:
+        raise
+    except Exception as exc:  # the engine's own errors: name the stage, keep the cause chained
+        raise StageFailed(f"stage {stage.name!r} failed in {stage.kind}: {type(exc).__name__}: {exc}") from exc
+    normalized = stage.model_dump(mode="json")
+    card_inputs = [CardInput(inp.role, inp.source.label, m.id, inp.weight) for inp, m in zip(plan.inputs, inputs, strict=True)]
+    card = render_card(name=stage.name, relation=output.card_relation, summary=runner.summary(stage), inputs=card_inputs,
+                       recipe=normalized, recipe_digest=digest_json(normalized), versions=versions, library=output.library)
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
+    return out_dir, output
+
+
+def _edge_details(inp: InputRef) -> dict:
+    """Where the recipe names this input, the text, and the label it had (in the card too)."""
+    details = {"loc": inp.loc, "ref": inp.text, "label": inp.source.label}
+    return details | ({"applied_to": inp.applied_to} if inp.applied_to else {})
 
 
 def _input_model(inp: InputRef, outputs: dict[str, ModelRow], store: Store) -> ModelRow:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from merger.card import model_label
 from merger.errors import MergerError
 from merger.settings import Settings
 from merger.store import Store
@@ -27,6 +28,7 @@ class Source:
     model_id: str | None = None
     stage: str | None = None
     hub_id: str | None = None
+    label: str = ""  # how cards and adapter configs name it: its Hub id where it has one, else its name
 
 
 class UnresolvedReference(MergerError):
@@ -40,16 +42,16 @@ class Resolver:
 
     def resolve(self, text: str, revision: str | None = None, *, stages: frozenset[str] = frozenset()) -> Source:
         if revision is None and text in stages:
-            return Source("stage", stage=text)
+            return Source("stage", stage=text, label=text)
         if revision is None:
             model = self.store.find(text, stored_only=True)
             if model is not None:
-                return Source("store", path=self.store.path_of(model), model_id=model.id)
+                return Source("store", path=self.store.path_of(model), model_id=model.id, label=model_label(model))
         local = self._under_roots(text)
         if local is not None:
-            return Source("local", path=local)
+            return Source("local", path=local, label=local.name)
         if HUB_ID.match(text) and not Path(text).is_absolute():
-            return Source("hub", path=self._from_hf_cache(text, revision), hub_id=f"{text}@{revision}" if revision else text)
+            return Source("hub", path=self._from_hf_cache(text, revision), hub_id=f"{text}@{revision}" if revision else text, label=text)
         raise UnresolvedReference(self._not_found(text))
 
     def confine(self, text: str) -> Path:

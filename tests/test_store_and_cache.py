@@ -94,7 +94,7 @@ def test_two_stage_lineage_and_card(settings, store):
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["base_model_relation"] == "merge"
     assert sorted(front["base_model"]) == ["blend", "gemma3-base", "gemma3-ft2"]
-    assert blend.model.id in card and "ties" in card
+    assert blend.model.id in card and "ties" in card and final.model.recipe_digest in card
 
 
 def test_exported_model_loads_in_transformers(settings, store, tmp_path):
