@@ -1,22 +1,25 @@
-"""The ``merger`` command line. Every command that runs work goes through ``merger.orchestrator``."""
+"""The ``merger`` command line. Every command that runs work goes through ``merger.orchestrator``, imported
+only by those commands (with mergekit and torch), so that the others answer at once."""
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
+from merger import graph
 from merger.db import ModelRow
 from merger.errors import MergerError, RecipeError
 from merger.progress import ProgressEvent
-from merger.orchestrator import load_and_check, run_recipe
 from merger.settings import Settings
-from merger.store import LineageNode, Store
+from merger.store import Store
 
 app = typer.Typer(help="Declarative model merging with content-hashed lineage.", no_args_is_help=True, pretty_exceptions_enable=False)
 out = Console(soft_wrap=True)
@@ -44,6 +47,8 @@ def model_json(model: ModelRow, store: Store) -> dict:
 @app.command()
 def validate(recipe: Path, as_json: JsonFlag = False) -> None:
     """Check a recipe and every model it references; report all problems at once (exit 2 if any)."""
+    from merger.orchestrator import load_and_check
+
     settings, store = _context()
     names = load_and_check(recipe, settings, store).stage_names()
     if as_json:
@@ -67,6 +72,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Recompute even when the result is cached.")] = False,
 ) -> None:
     """Run every stage of a recipe in this process and print the final model's id."""
+    from merger.orchestrator import load_and_check, run_recipe
+
     settings, store = _context()
     parsed = load_and_check(recipe, settings, store)
     with Progress(
@@ -123,10 +130,12 @@ def show(model: str, as_json: JsonFlag = False) -> None:
     data = model_json(row, store) | {
         "architecture": row.architecture,
         "parents": [
-            {"id": e.parent_id, "name": e.parent.name, "relation": e.relation, "role": e.role, "weight": e.weight}
+            {"id": e.parent_id, "name": e.parent.name, "relation": e.relation, "role": e.role, "weight": e.weight,
+             "details": e.details}
             for e in row.parents
         ],
         "recipe": row.recipe,
+        "recipe_digest": row.recipe_digest,
         "versions": row.versions,
         "origin": row.origin,
     }
@@ -143,17 +152,37 @@ def show(model: str, as_json: JsonFlag = False) -> None:
         out.print(f"[bold]origin[/]: {json.dumps(row.origin)}")
 
 
+class LineageFormat(str, Enum):
+    tree = "tree"
+    json = "json"
+    mermaid = "mermaid"
+    dot = "dot"
+
+
 @app.command()
-def lineage(model: str, as_json: JsonFlag = False) -> None:
-    """Show a model's ancestor tree."""
+def lineage(
+    model: str,
+    descendants: Annotated[bool, typer.Option("--descendants", help="What was made from the model, instead of what it came from.")] = False,
+    to: Annotated[Optional[str], typer.Option("--to", help="The lineage path between MODEL and this model (either may descend from the other).")] = None,
+    fmt: Annotated[LineageFormat, typer.Option("--format", help="A tree, JSON (nodes and edges), Mermaid or Graphviz DOT.")] = LineageFormat.tree,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a model's ancestors (default), its descendants, or the path to another model."""
     settings, store = _context()
-    root = store.lineage(store.resolve(model).id)
-    if as_json:
-        print(json.dumps(_lineage_json(root), indent=2))
-        return
-    tree = Tree(_node_label(root))
-    _add_parents(tree, root)
-    out.print(tree)
+    if descendants and to:
+        raise MergerError("give --descendants or --to, not both")
+    root = store.resolve(model).id
+    if to:
+        found = graph.between(store, root, store.resolve(to).id)
+    else:
+        found = (graph.descendants if descendants else graph.ancestors)(store, root)
+    fmt = LineageFormat.json if as_json else fmt
+    if fmt == LineageFormat.json:
+        print(json.dumps(graph.to_json(found), indent=2))
+    elif fmt == LineageFormat.tree:
+        out.print(_lineage_tree(found))
+    else:
+        print(graph.render(found, fmt.value), end="")
 
 
 @app.command()
@@ -313,26 +342,25 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _node_label(node: LineageNode) -> str:
-    edge = f"[dim]{node.relation}/{node.role}{'' if node.weight is None else f' w={node.weight}'}[/] " if node.relation else ""
-    return f"{edge}[bold]{node.model.name or ''}[/] {node.model.id[:12]} [dim]{node.model.kind}[/]"
+def _lineage_tree(found: graph.Lineage) -> Tree:
+    """The lineage as a tree from its root (a model reached by two paths appears twice)."""
+    tree = Tree(_tree_label(found.nodes[found.root], None))
+
+    def grow(branch: Tree, node_id: str, path: frozenset[str]) -> None:
+        for edge, other in found.next_of(node_id):
+            child = branch.add(_tree_label(found.nodes[other], edge))
+            if other not in path:
+                grow(child, other, path | {other})
+
+    grow(tree, found.root, frozenset({found.root}))
+    return tree
 
 
-def _add_parents(tree: Tree, node: LineageNode) -> None:
-    for parent in node.parents:
-        _add_parents(tree.add(_node_label(parent)), parent)
-
-
-def _lineage_json(node: LineageNode) -> dict:
-    return {
-        "id": node.model.id,
-        "name": node.model.name,
-        "kind": node.model.kind,
-        "relation": node.relation,
-        "role": node.role,
-        "weight": node.weight,
-        "parents": [_lineage_json(p) for p in node.parents],
-    }
+def _tree_label(node: graph.Node, edge: graph.Edge | None) -> str:
+    via = f"[dim]{escape(graph.edge_label(edge))}[/] " if edge else ""
+    if node.hidden:
+        return f"{via}[dim]hidden[/] {node.id[:12]}"
+    return f"{via}[bold]{escape(node.name or '')}[/] {node.id[:12]} [dim]{node.kind}[/]"
 
 
 def main() -> None:

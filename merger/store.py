@@ -10,7 +10,7 @@ import shutil
 import socket
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +22,7 @@ from merger.hashing import FileEntry, manifest, manifest_id
 from merger.settings import Settings
 
 HEX = re.compile(r"^[0-9a-f]{6,64}$")
+PLACEHOLDER = "placeholder"  # the kind of a parent known only by its label (no files); see merger.registry
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,6 @@ class Parent:
     role: str
     weight: float | None = None
     details: dict | None = None
-
-
-@dataclass
-class LineageNode:
-    model: ModelRow
-    relation: str | None = None
-    role: str | None = None
-    weight: float | None = None
-    parents: list["LineageNode"] = field(default_factory=list)
 
 
 class Store:
@@ -194,18 +186,6 @@ class Store:
     def list_models(self) -> list[ModelRow]:
         with self.session() as s:
             return list(s.scalars(select(ModelRow).order_by(ModelRow.created_at)))
-
-    def lineage(self, model_id: str) -> LineageNode:
-        """The ancestor tree of a model (a DAG unfolded; a model reached twice appears twice)."""
-
-        def build(model: ModelRow, edge: EdgeRow | None, seen: frozenset[str]) -> LineageNode:
-            node = LineageNode(model, *(edge and (edge.relation, edge.role, edge.weight) or (None, None, None)))
-            if model.id not in seen:
-                for parent_edge in model.parents:
-                    node.parents.append(build(self.get(parent_edge.parent_id), parent_edge, seen | {model.id}))
-            return node
-
-        return build(self.get(model_id), None, frozenset())
 
     def export(self, model: ModelRow, dest: Path) -> Path:
         """Copy a model's files into ``dest`` (created; must not exist or be empty)."""

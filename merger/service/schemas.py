@@ -1,7 +1,7 @@
 """The API's request and response bodies."""
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -92,15 +92,34 @@ class ModelOut(BaseModel):
         )
 
 
-class LineageOut(BaseModel):
+class LineageNodeOut(BaseModel):
     id: str
     name: str | None = None
     kind: str | None = None
-    relation: str | None = None
-    role: str | None = None
-    weight: float | None = None
-    hidden: bool = Field(default=False, description="A private model of another user: only its id is shown")
-    parents: list["LineageOut"] = []
+    hub_id: str | None = None
+    recipe_digest: str | None = None
+    inputs: list[str] = Field(default=[], description="Every input id of the model, in recipe order")
+    hidden: bool = Field(default=False, description="A model you may not see: only its id is shown")
+
+
+class LineageEdgeOut(BaseModel):
+    child: str
+    parent: str = Field(description="The exact content id the child was made from")
+    relation: str
+    role: str
+    weight: float | None
+    position: int
+    recipe_digest: str | None = Field(description="The child's stage recipe digest")
+    ref: str | None = Field(description="The reference as the recipe wrote it (for a registered model: the parent's label)")
+    loc: str | None = Field(description="Where the recipe wrote it")
+
+
+class LineageOut(BaseModel):
+    root: str
+    direction: Literal["ancestors", "descendants"]
+    to: str | None
+    nodes: list[LineageNodeOut]
+    edges: list[LineageEdgeOut]
 
 
 class VisibilityIn(BaseModel):
