@@ -186,6 +186,34 @@ def lineage(
 
 
 @app.command()
+def register(
+    source: Annotated[str, typer.Argument(help="A directory under the model roots, or org/name[@revision] from the local Hugging Face cache.")],
+    name: Annotated[str, typer.Option("--name", help="Its name in the store (its Hub id is a good one).")],
+    parent: Annotated[Optional[list[str]], typer.Option("--parent", help="A parent: Hub id, store id or name; repeat for several. Replaces what the card says.")] = None,
+    relation: Annotated[Optional[str], typer.Option("--relation", help="adapter, merge, quantized or finetune. Default: the card's, else inferred as the Hub does.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Add a community model or adapter to the store, linked to the parents its card names."""
+    from merger.registry import register as do_register
+
+    settings, store = _context()
+    done = do_register(settings, store, source, name=name, parents=parent, relation=relation)
+    model = done.model
+    if as_json:
+        parents = [{"label": p.label, "id": p.model_id, "relation": p.relation, "role": p.role, "placeholder": p.placeholder}
+                   for p in done.parents]
+        print(json.dumps(model_json(model, store) | {"created": done.created, "origin": model.origin, "parents": parents,
+                                                     "filled": done.filled}, indent=2))
+        return
+    err.print(f"{model.name}: {'registered' if done.created else 'already in the store'} ({model.kind})", markup=False)
+    for p in done.parents:
+        err.print(f"  parent {p.relation}/{p.role}: {p.label} {p.model_id[:12]}{' (placeholder)' if p.placeholder else ''}", markup=False)
+    for label in done.filled:
+        err.print(f"  filled the placeholder {label}: its children now point here", markup=False)
+    print(model.id)
+
+
+@app.command()
 def export(model: str, directory: Path) -> None:
     """Copy a stored model's files into DIRECTORY (loadable by transformers)."""
     settings, store = _context()

@@ -47,7 +47,11 @@ class Resolver:
             model = self.store.find(text, stored_only=True)
             if model is not None:
                 return Source("store", path=self.store.path_of(model), model_id=model.id, label=model_label(model))
-        local = self._under_roots(text)
+        return self.external(text, revision)
+
+    def external(self, text: str, revision: str | None = None) -> Source:
+        """A directory under the model roots or, with a revision or when there is none, a Hub id in the local cache."""
+        local = self._under_roots(text) if revision is None else None
         if local is not None:
             return Source("local", path=local, label=local.name)
         if HUB_ID.match(text) and not Path(text).is_absolute():

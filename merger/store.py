@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 
 from merger.db import CacheRow, EdgeRow, FileRow, ModelRow, RunRow, add_unless_exists, make_sessionmaker
 from merger.errors import MergerError
@@ -94,7 +94,7 @@ class Store:
             created = add_unless_exists(s, self._new_row(model_id, entries, name=name, kind=kind, architecture=architecture))
             row = s.get(ModelRow, model_id)
             if created or row.location is not None:  # new, or known before only as an external directory
-                row.location = None
+                row.location, row.name = None, name or row.name
                 row.recipe, row.recipe_digest = recipe, recipe_digest
                 row.versions, row.origin = versions, origin
                 row.parents = [
@@ -162,9 +162,10 @@ class Store:
     def find(self, ref: str, *, stored_only: bool = False) -> ModelRow | None:
         """A model by full id, unique id prefix (6+ hex digits) or name (the newest of that name).
 
-        ``stored_only`` skips external directories, whose content may have changed since they were seen.
+        ``stored_only`` skips external directories, whose content may have changed since they were seen,
+        and placeholders, which have no files.
         """
-        scope = ModelRow.location.is_(None) if stored_only else ModelRow.id.is_not(None)
+        scope = and_(ModelRow.location.is_(None), ModelRow.kind != PLACEHOLDER) if stored_only else ModelRow.id.is_not(None)
         with self.session() as s:
             if HEX.match(ref):
                 ids = list(s.scalars(select(ModelRow.id).where(scope, ModelRow.id.startswith(ref)).limit(2)))
@@ -189,6 +190,8 @@ class Store:
 
     def export(self, model: ModelRow, dest: Path) -> Path:
         """Copy a model's files into ``dest`` (created; must not exist or be empty)."""
+        if model.kind == PLACEHOLDER:
+            raise MergerError(f"{model.name} is a placeholder (a parent named by a registered model's card): it has no files")
         if dest.exists() and any(dest.iterdir()):
             raise MergerError(f"{dest}: export directory is not empty")
         dest.mkdir(parents=True, exist_ok=True)

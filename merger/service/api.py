@@ -15,12 +15,13 @@ from merger import __version__, graph
 from merger.db import ModelRow
 from merger.errors import MergerError, Problem, RecipeError
 from merger.orchestrator import check_recipe
+from merger.registry import register
 from merger.safe_yaml import load_recipe_text
-from merger.service.auth import can_see, owns, visible_to
+from merger.service.auth import can_see, grant, owns, visible_to
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.jobs import FINAL, Jobs
-from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, ValidationOut, VisibilityIn
+from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, RegisterIn, ValidationOut, VisibilityIn
 from merger.settings import Settings
 from merger.store import HEX, Store
 
@@ -157,6 +158,18 @@ def _routes(app: FastAPI) -> None:
                 raise HTTPException(403, f"only the owner of model {model_id} may change its visibility")
             s.get(ModelRow, model.id).public = body.public
         return ModelOut.of(svc.store.get(model.id))
+
+    @app.post("/v1/models", response_model=ModelOut, status_code=201,
+              responses={200: {"model": ModelOut, "description": "the same bytes were in the store already"}})
+    def register_model(body: RegisterIn, svc: ServiceDep, user: UserDep):
+        """Copy a model or adapter from the server's model roots or Hugging Face cache into the store, with its
+        parents; runs in the request. The caller owns it, and sees the placeholders it created."""
+        done = register(svc.settings, svc.store, body.source, name=body.name, parents=body.parents, relation=body.relation)
+        with svc.store.session.begin() as s:
+            grant(s, [done.model.id], user, owner=True)
+            grant(s, [p.model_id for p in done.parents if p.placeholder], user)
+        out = ModelOut.of(svc.store.get(done.model.id))
+        return out if done.created else JSONResponse(out.model_dump(mode="json"), status_code=200)
 
     @app.get("/v1/models/{model_id}/lineage", response_model=LineageOut,
              responses={200: {"content": {"text/plain": {}, "text/vnd.graphviz": {}}, "description": "json, mermaid or dot"}})
