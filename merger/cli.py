@@ -3,6 +3,8 @@ only by those commands (with mergekit and torch), so that the others answer at o
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -76,23 +78,7 @@ def run(
 
     settings, store = _context()
     parsed = load_and_check(recipe, settings, store)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-        TimeElapsedColumn(), console=err, transient=as_json, disable=not err.is_terminal and as_json,
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def report(event: ProgressEvent) -> None:
-            if event.stage not in tasks:
-                tasks[event.stage] = bar.add_task(event.stage, total=None, unit=event.unit)
-            task = tasks[event.stage]
-            if event.phase == "progress":
-                bar.update(task, completed=event.done, total=event.total, unit=event.unit)
-            elif event.phase == "done":
-                note = "cached" if event.cache_hit else "done"
-                bar.update(task, description=f"{event.stage} ({note})", total=bar.tasks[task].total or 1,
-                           completed=bar.tasks[task].total or 1)
-
+    with _stage_progress(as_json) as report:
         results = run_recipe(parsed, settings, store, force=force, report=report)
     final = results[-1].model
     if as_json:
@@ -211,6 +197,31 @@ def register(
     for label in done.filled:
         err.print(f"  filled the placeholder {label}: its children now point here", markup=False)
     print(model.id)
+
+
+@app.command()
+def rebuild(model: str, as_json: JsonFlag = False) -> None:
+    """Re-run the recipe that made a model on the exact inputs it recorded; exit 1 unless byte-identical."""
+    from merger.orchestrator import rebuild as do_rebuild
+
+    settings, store = _context()
+    row = store.resolve(model)
+    with _stage_progress(as_json) as report:
+        result = do_rebuild(row, settings, store, report=report)
+    if as_json:
+        print(json.dumps({"id": row.id, "name": row.name, "rebuilt_id": result.rebuilt_id, "identical": result.identical,
+                          "differences": result.differences, "version_changes": result.version_changes}, indent=2))
+    elif result.identical:
+        out.print(f"identical: {row.name} {row.id} rebuilt byte for byte from its recorded inputs ({len(row.files)} files)", markup=False)
+    else:
+        out.print(f"MISMATCH: {row.name} {row.id} rebuilt as {result.rebuilt_id}", markup=False)
+        for line in result.differences:
+            out.print(f"  {line}", markup=False)
+    if result.version_changes and not as_json:
+        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in result.version_changes.items())
+        err.print(f"note: software changed since the build: {changes}", markup=False)
+    if not result.identical:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -360,6 +371,29 @@ def pull(model: str, directory: Path, server: ServerOpt = None, token: TokenOpt 
         task = bar.add_task(f"pull {info['name'] or model[:12]}", total=total)
         client.pull(info["id"], directory, on_bytes=lambda n: bar.advance(task, n))
     err.print(f"{len(info['files'])} files, sha256 checked, in {directory}")
+
+
+@contextmanager
+def _stage_progress(as_json: bool) -> Iterator[Callable[[ProgressEvent], None]]:
+    """A progress bar per stage on stderr; yields the reporter to hand to the orchestrator."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(), console=err, transient=as_json, disable=not err.is_terminal and as_json,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(event: ProgressEvent) -> None:
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(event.stage, total=None, unit=event.unit)
+            task = tasks[event.stage]
+            if event.phase == "progress":
+                bar.update(task, completed=event.done, total=event.total, unit=event.unit)
+            elif event.phase == "done":
+                note = "cached" if event.cache_hit else "done"
+                bar.update(task, description=f"{event.stage} ({note})", total=bar.tasks[task].total or 1,
+                           completed=bar.tasks[task].total or 1)
+
+        yield report
 
 
 def _size(n: int) -> str:

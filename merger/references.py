@@ -7,6 +7,9 @@
    each root, and nothing may leave the roots (``..``, absolute paths and symlinks are checked after
    resolution);
 4. a Hugging Face id ``org/name`` (``@revision`` optional), taken from the local HF cache only.
+
+A rebuild pins references: a pinned text resolves to the exact stored model it resolved to when the
+model was built, whatever the names point to now.
 """
 
 import re
@@ -31,16 +34,29 @@ class Source:
     label: str = ""  # how cards and adapter configs name it: its Hub id where it has one, else its name
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A reference fixed to the stored model it named when a model was built, and the label it had then."""
+
+    model_id: str
+    label: str
+
+
 class UnresolvedReference(MergerError):
     """A reference that cannot be resolved; the message says why."""
 
 
 class Resolver:
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store, pins: dict[str, Pin] | None = None):
         self.settings = settings
         self.store = store
+        self.pins = pins or {}  # reference text ("name" or "name@revision") -> pinned model
 
     def resolve(self, text: str, revision: str | None = None, *, stages: frozenset[str] = frozenset()) -> Source:
+        pin = self.pins.get(f"{text}@{revision}" if revision else text)
+        if pin is not None:
+            model = self.store.get(pin.model_id)
+            return Source("store", path=self.store.path_of(model), model_id=model.id, label=pin.label)
         if revision is None and text in stages:
             return Source("stage", stage=text, label=text)
         if revision is None:

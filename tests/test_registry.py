@@ -1,5 +1,5 @@
 """Registering community models: placeholders filled out of order, graph queries (library, CLI, API),
-and refusals."""
+recipes over registered models, rebuilds, and refusals."""
 
 import json
 import os
@@ -17,6 +17,7 @@ import yaml
 from merger import graph
 from merger.errors import MergerError
 from merger.hashing import manifest, manifest_id, sha256_file
+from merger.orchestrator import check_recipe, rebuild, run_recipe
 from merger.registry import placeholder_id, register
 from merger.settings import Settings
 from merger.store import Store
@@ -248,6 +249,83 @@ def test_api_registers_and_answers_lineage_within_visibility(env):
     refused = bob.post("/v1/models", json={"source": "/etc", "name": "etc"})
     assert refused.status_code == 400 and "outside the model roots" in refused.json()["detail"]
     assert bob.post("/v1/models", json={"source": "llama-tuned", "name": "x", "relation": "distilled"}).status_code == 422
+
+
+# --- recipes over registered models, and rebuilds ------------------------------------------------------------
+
+
+def run(recipe: dict, settings, store):
+    return run_recipe(check_recipe(recipe, settings, store, default_name="r"), settings, store)
+
+
+FOLD_AND_MERGE = {"stages": [
+    {"name": "folded", "adapters": {"base": BASE, "mode": "fold", "adapters": [{"path": LORA}]}},
+    {"name": "blend", "merge": {"merge_method": "linear", "models": [
+        {"model": "folded", "parameters": {"weight": 0.5}}, {"model": TUNED, "parameters": {"weight": 0.5}}]}},
+]}
+
+
+def test_recipe_chain_over_registered_models_rebuilds_byte_identical(env):
+    settings, store = env
+    ids = register_chain(settings, store)
+    folded, blend = run(FOLD_AND_MERGE, settings, store)
+    assert edges_of(store, folded.model.id) == [(ids[BASE], "adapter", "base"), (ids[LORA], "adapter", "adapter")]
+    connected = graph.descendants(store, ids[BASE]).nodes
+    assert set(connected) == set(ids.values()) | {folded.model.id, blend.model.id}  # one graph: registered and made
+
+    card = (store.path_of(blend.model) / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == ["folded", TUNED] and front["base_model_relation"] == "merge"
+    assert blend.model.recipe_digest in card and folded.model.id in card and ids[TUNED] in card
+    folded_card = yaml.safe_load((store.path_of(folded.model) / "README.md").read_text().split("---\n")[1])
+    assert folded_card["base_model"] == [BASE] and folded_card["base_model_relation"] == "finetune"
+
+    run({"stages": [{"name": "folded", "adapters": {"base": BASE, "mode": "fold", "adapters": [{"path": LORA, "weight": 0.5}]}}]},
+        settings, store)
+    assert store.find("folded").id != folded.model.id  # the name now means another model
+    before = [(m.id, m.name) for m in store.list_models()]
+    for made in (folded, blend):
+        result = rebuild(made.model, settings, store)
+        assert result.identical and result.rebuilt_id == made.model.id and result.differences == []
+    assert [(m.id, m.name) for m in store.list_models()] == before and list(settings.staging_dir.iterdir()) == []
+    shown = cli("rebuild", blend.model.id[:10])
+    assert shown.stdout.startswith(f"identical: blend {blend.model.id}")
+
+
+def test_rebuild_reports_a_mismatch(env, monkeypatch):
+    from typer.testing import CliRunner
+
+    from merger import orchestrator
+    from merger.cli import app
+
+    settings, store = env
+    [made] = run({"merge_method": "linear", "models": [{"model": "llama-ft1", "parameters": {"weight": 0.3}},
+                                                       {"model": "llama-ft2", "parameters": {"weight": 0.7}}]}, settings, store)
+    recorded = orchestrator.software_versions()
+    monkeypatch.setattr(orchestrator, "software_versions", lambda: {**recorded, "torch": "0.0-other"})
+    result = rebuild(made.model, settings, store)
+    assert not result.identical and result.version_changes == {"torch": (recorded["torch"], "0.0-other")}
+    assert [line.split(":")[0] for line in result.differences] == ["README.md"]  # the card names the versions
+    shown = CliRunner().invoke(app, ["rebuild", made.model.id])
+    assert shown.exit_code == 1 and f"MISMATCH: r {made.model.id}" in shown.output and "README.md: sha256" in shown.output
+
+
+def test_rebuild_names_an_input_that_is_gone(env, community, model_root):
+    settings, store = env
+    gone = community.root / f"ephemeral-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(model_root / "llama-ft2", gone)
+    [made] = run({"merge_method": "linear", "models": [{"model": "llama-ft1", "parameters": {"weight": 0.5}},
+                                                       {"model": gone.name, "parameters": {"weight": 0.5}}]}, settings, store)
+    shutil.rmtree(gone)
+    with pytest.raises(MergerError) as caught:
+        rebuild(made.model, settings, store)
+    assert f"stages[0].merge.models[1].model: '{gone.name}'" in str(caught.value) and "is gone" in str(caught.value)
+    failed = cli("rebuild", made.model.id, check=False)
+    assert failed.returncode == 1 and gone.name in failed.stderr and "Traceback" not in failed.stderr
+
+    lora = register(settings, store, "llama-lora", name=LORA).model
+    with pytest.raises(MergerError, match="was not built by a merger stage"):
+        rebuild(lora, settings, store)
 
 
 # --- refusals -----------------------------------------------------------------------------------------------
