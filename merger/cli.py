@@ -1,22 +1,27 @@
-"""The ``merger`` command line. Every command that runs work goes through ``merger.orchestrator``."""
+"""The ``merger`` command line. Every command that runs work goes through ``merger.orchestrator``, imported
+only by those commands (with mergekit and torch), so that the others answer at once."""
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
+from merger import graph
 from merger.db import ModelRow
 from merger.errors import MergerError, RecipeError
 from merger.progress import ProgressEvent
-from merger.orchestrator import load_and_check, run_recipe
 from merger.settings import Settings
-from merger.store import LineageNode, Store
+from merger.store import Store
 
 app = typer.Typer(help="Declarative model merging with content-hashed lineage.", no_args_is_help=True, pretty_exceptions_enable=False)
 out = Console(soft_wrap=True)
@@ -44,6 +49,8 @@ def model_json(model: ModelRow, store: Store) -> dict:
 @app.command()
 def validate(recipe: Path, as_json: JsonFlag = False) -> None:
     """Check a recipe and every model it references; report all problems at once (exit 2 if any)."""
+    from merger.orchestrator import load_and_check
+
     settings, store = _context()
     names = load_and_check(recipe, settings, store).stage_names()
     if as_json:
@@ -67,25 +74,11 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Recompute even when the result is cached.")] = False,
 ) -> None:
     """Run every stage of a recipe in this process and print the final model's id."""
+    from merger.orchestrator import load_and_check, run_recipe
+
     settings, store = _context()
     parsed = load_and_check(recipe, settings, store)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-        TimeElapsedColumn(), console=err, transient=as_json, disable=not err.is_terminal and as_json,
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def report(event: ProgressEvent) -> None:
-            if event.stage not in tasks:
-                tasks[event.stage] = bar.add_task(event.stage, total=None, unit=event.unit)
-            task = tasks[event.stage]
-            if event.phase == "progress":
-                bar.update(task, completed=event.done, total=event.total, unit=event.unit)
-            elif event.phase == "done":
-                note = "cached" if event.cache_hit else "done"
-                bar.update(task, description=f"{event.stage} ({note})", total=bar.tasks[task].total or 1,
-                           completed=bar.tasks[task].total or 1)
-
+    with _stage_progress(as_json) as report:
         results = run_recipe(parsed, settings, store, force=force, report=report)
     final = results[-1].model
     if as_json:
@@ -123,10 +116,12 @@ def show(model: str, as_json: JsonFlag = False) -> None:
     data = model_json(row, store) | {
         "architecture": row.architecture,
         "parents": [
-            {"id": e.parent_id, "name": e.parent.name, "relation": e.relation, "role": e.role, "weight": e.weight}
+            {"id": e.parent_id, "name": e.parent.name, "relation": e.relation, "role": e.role, "weight": e.weight,
+             "details": e.details}
             for e in row.parents
         ],
         "recipe": row.recipe,
+        "recipe_digest": row.recipe_digest,
         "versions": row.versions,
         "origin": row.origin,
     }
@@ -143,17 +138,90 @@ def show(model: str, as_json: JsonFlag = False) -> None:
         out.print(f"[bold]origin[/]: {json.dumps(row.origin)}")
 
 
+class LineageFormat(str, Enum):
+    tree = "tree"
+    json = "json"
+    mermaid = "mermaid"
+    dot = "dot"
+
+
 @app.command()
-def lineage(model: str, as_json: JsonFlag = False) -> None:
-    """Show a model's ancestor tree."""
+def lineage(
+    model: str,
+    descendants: Annotated[bool, typer.Option("--descendants", help="What was made from the model, instead of what it came from.")] = False,
+    to: Annotated[Optional[str], typer.Option("--to", help="The lineage path between MODEL and this model (either may descend from the other).")] = None,
+    fmt: Annotated[LineageFormat, typer.Option("--format", help="A tree, JSON (nodes and edges), Mermaid or Graphviz DOT.")] = LineageFormat.tree,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a model's ancestors (default), its descendants, or the path to another model."""
     settings, store = _context()
-    root = store.lineage(store.resolve(model).id)
+    if descendants and to:
+        raise MergerError("give --descendants or --to, not both")
+    root = store.resolve(model).id
+    if to:
+        found = graph.between(store, root, store.resolve(to).id)
+    else:
+        found = (graph.descendants if descendants else graph.ancestors)(store, root)
+    fmt = LineageFormat.json if as_json else fmt
+    if fmt == LineageFormat.json:
+        print(json.dumps(graph.to_json(found), indent=2))
+    elif fmt == LineageFormat.tree:
+        out.print(_lineage_tree(found))
+    else:
+        print(graph.render(found, fmt.value), end="")
+
+
+@app.command()
+def register(
+    source: Annotated[str, typer.Argument(help="A directory under the model roots, or org/name[@revision] from the local Hugging Face cache.")],
+    name: Annotated[str, typer.Option("--name", help="Its name in the store (its Hub id is a good one).")],
+    parent: Annotated[Optional[list[str]], typer.Option("--parent", help="A parent: Hub id, store id or name; repeat for several. Replaces what the card says.")] = None,
+    relation: Annotated[Optional[str], typer.Option("--relation", help="adapter, merge, quantized or finetune. Default: the card's, else inferred as the Hub does.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Add a community model or adapter to the store, linked to the parents its card names."""
+    from merger.registry import register as do_register
+
+    settings, store = _context()
+    done = do_register(settings, store, source, name=name, parents=parent, relation=relation)
+    model = done.model
     if as_json:
-        print(json.dumps(_lineage_json(root), indent=2))
+        parents = [{"label": p.label, "id": p.model_id, "relation": p.relation, "role": p.role, "placeholder": p.placeholder}
+                   for p in done.parents]
+        print(json.dumps(model_json(model, store) | {"created": done.created, "origin": model.origin, "parents": parents,
+                                                     "filled": done.filled}, indent=2))
         return
-    tree = Tree(_node_label(root))
-    _add_parents(tree, root)
-    out.print(tree)
+    err.print(f"{model.name}: {'registered' if done.created else 'already in the store'} ({model.kind})", markup=False)
+    for p in done.parents:
+        err.print(f"  parent {p.relation}/{p.role}: {p.label} {p.model_id[:12]}{' (placeholder)' if p.placeholder else ''}", markup=False)
+    for label in done.filled:
+        err.print(f"  filled the placeholder {label}: its children now point here", markup=False)
+    print(model.id)
+
+
+@app.command()
+def rebuild(model: str, as_json: JsonFlag = False) -> None:
+    """Re-run the recipe that made a model on the exact inputs it recorded; exit 1 unless byte-identical."""
+    from merger.orchestrator import rebuild as do_rebuild
+
+    settings, store = _context()
+    row = store.resolve(model)
+    with _stage_progress(as_json) as report:
+        result = do_rebuild(row, settings, store, report=report)
+    if as_json:
+        print(json.dumps({"id": row.id, "name": row.name, "rebuilt_id": result.rebuilt_id, "identical": result.identical,
+                          "differences": result.differences, "version_changes": result.version_changes}, indent=2))
+    elif result.identical:
+        out.print(f"identical: {row.name} {row.id} rebuilt byte for byte from its recorded inputs ({len(row.files)} files)", markup=False)
+    else:
+        out.print(f"MISMATCH: {row.name} {row.id} rebuilt as {result.rebuilt_id}", markup=False)
+        for line in result.differences:
+            out.print(f"  {line}", markup=False)
+    if result.version_changes and not as_json:
+        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in result.version_changes.items())
+        err.print(f"note: software changed since the build: {changes}", markup=False)
+    if not result.identical:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -314,6 +382,29 @@ def pull(model: str, directory: Path, server: ServerOpt = None, token: TokenOpt 
     err.print(f"{len(info['files'])} files, sha256 checked, in {directory}")
 
 
+@contextmanager
+def _stage_progress(as_json: bool) -> Iterator[Callable[[ProgressEvent], None]]:
+    """A progress bar per stage on stderr; yields the reporter to hand to the orchestrator."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(), console=err, transient=as_json, disable=not err.is_terminal and as_json,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def report(event: ProgressEvent) -> None:
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(event.stage, total=None, unit=event.unit)
+            task = tasks[event.stage]
+            if event.phase == "progress":
+                bar.update(task, completed=event.done, total=event.total, unit=event.unit)
+            elif event.phase == "done":
+                note = "cached" if event.cache_hit else "done"
+                bar.update(task, description=f"{event.stage} ({note})", total=bar.tasks[task].total or 1,
+                           completed=bar.tasks[task].total or 1)
+
+        yield report
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -322,26 +413,25 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _node_label(node: LineageNode) -> str:
-    edge = f"[dim]{node.relation}/{node.role}{'' if node.weight is None else f' w={node.weight}'}[/] " if node.relation else ""
-    return f"{edge}[bold]{node.model.name or ''}[/] {node.model.id[:12]} [dim]{node.model.kind}[/]"
+def _lineage_tree(found: graph.Lineage) -> Tree:
+    """The lineage as a tree from its root (a model reached by two paths appears twice)."""
+    tree = Tree(_tree_label(found.nodes[found.root], None))
+
+    def grow(branch: Tree, node_id: str, path: frozenset[str]) -> None:
+        for edge, other in found.next_of(node_id):
+            child = branch.add(_tree_label(found.nodes[other], edge))
+            if other not in path:
+                grow(child, other, path | {other})
+
+    grow(tree, found.root, frozenset({found.root}))
+    return tree
 
 
-def _add_parents(tree: Tree, node: LineageNode) -> None:
-    for parent in node.parents:
-        _add_parents(tree.add(_node_label(parent)), parent)
-
-
-def _lineage_json(node: LineageNode) -> dict:
-    return {
-        "id": node.model.id,
-        "name": node.model.name,
-        "kind": node.model.kind,
-        "relation": node.relation,
-        "role": node.role,
-        "weight": node.weight,
-        "parents": [_lineage_json(p) for p in node.parents],
-    }
+def _tree_label(node: graph.Node, edge: graph.Edge | None) -> str:
+    via = f"[dim]{escape(graph.edge_label(edge))}[/] " if edge else ""
+    if node.hidden:
+        return f"{via}[dim]hidden[/] {node.id[:12]}"
+    return f"{via}[bold]{escape(node.name or '')}[/] {node.id[:12]} [dim]{node.kind}[/]"
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Reading model and adapter directories without loading weights: configs and safetensors headers only.
 
 Pickle-based weights (.bin .pt .pth .pkl .ckpt) can execute code when loaded, so a directory holding
-any is refused by name; so is one that needs remote code (Python files, or ``auto_map`` in a config).
+any is refused by name; so is one that holds Python files or whose config names code of its own to import
+(``auto_map``: it needs ``trust_remote_code``, which merger never grants).
 A directory holding one ``.gguf`` file and no safetensors is a GGUF model (what the quantize stage writes).
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -32,6 +34,11 @@ class ModelDirError(Exception):
 
 def pickle_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def remote_code_configs(path: Path) -> list[str]:
+    """The configs in ``path`` whose ``auto_map`` asks transformers to import the model's own code."""
+    return [name for name in REMOTE_CODE_CONFIGS if (path / name).is_file() and _read_json(path / name).get("auto_map")]
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -61,6 +68,9 @@ def inspect_dir(path: Path, *, adapter: bool = False) -> ModelInfo:
     code = sorted(p.name for p in path.rglob("*.py"))
     if code:
         raise ModelDirError(f"{path}: holds Python code ({', '.join(code[:5])}); models that need remote code are refused")
+    remote = remote_code_configs(path)
+    if remote:
+        raise ModelDirError(f"{path}: auto_map in {', '.join(remote)} names the model's own code to run; merger never runs remote code")
     shards = sorted(path.glob("*.safetensors"))
     ggufs = sorted(path.glob("*.gguf"))
     if not shards and len(ggufs) == 1 and not adapter:
@@ -72,9 +82,6 @@ def inspect_dir(path: Path, *, adapter: bool = False) -> ModelInfo:
         info.tensors.update(safetensors_header(shard))
     config_name = "adapter_config.json" if adapter else "config.json"
     config = _read_json(path / config_name)
-    for name in (config_name, "tokenizer_config.json"):
-        if (path / name).is_file() and "auto_map" in _read_json(path / name):
-            raise ModelDirError(f"{path / name}: has auto_map (the model needs remote code); refused")
     if adapter:
         info.adapter_config = config
     else:

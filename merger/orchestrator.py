@@ -12,18 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from merger import __version__
-from merger.card import render_card
+from merger.card import CardInput, model_label, render_card
 from merger.db import ModelRow
 from merger.errors import Cancelled, MergerError, StageFailed
-from merger.hashing import digest_json
-from merger.planning import InputRef, StagePlan, plan_draft
+from merger.hashing import FileEntry, digest_json, manifest, manifest_id
+from merger.planning import InputRef, StageOutput, StagePlan, plan_draft
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
 from merger.recipe import Draft, Recipe, draft_recipe
-from merger.references import Resolver
+from merger.references import Pin, Resolver
 from merger.safe_yaml import load_recipe_file
 from merger.settings import Settings
 from merger.stages import STAGE_RUNNERS
-from merger.store import Parent, Store
+from merger.store import PLACEHOLDER, Parent, Store
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,99 @@ def run_recipe(
     return results
 
 
+@dataclass(frozen=True)
+class Rebuild:
+    """The outcome of re-running the stage that produced a model on the inputs it recorded."""
+
+    model: ModelRow
+    rebuilt_id: str
+    differences: list[str]  # one line per file that changed, is missing, or is new
+    version_changes: dict[str, tuple[str | None, str | None]]  # software: (recorded, now)
+
+    @property
+    def identical(self) -> bool:
+        return self.rebuilt_id == self.model.id
+
+
+def rebuild(model: ModelRow, settings: Settings, store: Store, *, report: Reporter = no_report,
+            should_cancel: CancelCheck = never_cancel) -> Rebuild:
+    """Re-run the stage recipe that produced ``model`` on the exact input ids its edges record, and compare.
+
+    Every input reference is pinned to the content id it resolved to then, whatever names point to now. The
+    stage runs in staging and nothing is published: the store is left as it was, whatever the outcome.
+    """
+    if not model.recipe:
+        raise MergerError(f"{_named(model)} was not built by a merger stage (it was registered or imported): there is no recipe to re-run")
+    draft = draft_recipe({"stages": [model.recipe]}, default_name=model.name or "rebuild")
+    [plan] = plan_draft(draft, Resolver(settings, store, pins=_pins(model, store)))
+    inputs = [store.get(inp.source.model_id) for inp in plan.inputs]
+    recorded = [edge.parent_id for edge in model.parents]
+    if [m.id for m in inputs] != recorded:
+        raise MergerError(f"cannot rebuild {_named(model)}: its recipe now plans the inputs {_short(m.id for m in inputs)}, "
+                          f"but the model recorded {_short(recorded)}")
+    versions = _stage_versions(plan, software_versions())
+    with store.staging() as work:
+        out_dir, _ = _build(plan, inputs, versions, store, work, report, should_cancel)
+        entries = manifest(out_dir)
+    return Rebuild(model, manifest_id(entries), _file_differences(model.files, entries), _version_changes(model.versions or {}, versions))
+
+
+def _pins(model: ModelRow, store: Store) -> dict[str, Pin]:
+    """Each recorded input reference pinned to its content id; every input no longer available named at once."""
+    pins, missing = {}, []
+    for edge in model.parents:
+        details = edge.details or {}
+        parent = store.get(edge.parent_id)
+        problem = _unavailable(parent, store)
+        if problem:
+            missing.append(f"{details.get('loc', f'input {edge.position}')}: {details.get('ref', parent.name)!r} ({parent.id[:12]}) {problem}")
+        elif "ref" in details:
+            pins[details["ref"]] = Pin(parent.id, details.get("label") or model_label(parent))
+    if missing:
+        raise MergerError(f"cannot rebuild {_named(model)}; inputs no longer available:\n  " + "\n  ".join(missing))
+    return pins
+
+
+def _unavailable(model: ModelRow, store: Store) -> str | None:
+    """Why a recorded input can't be read with the bytes it had, or None."""
+    if model.kind == PLACEHOLDER:
+        return "is a placeholder with no files"
+    path = store.path_of(model)
+    if not path.is_dir():
+        return f"is gone: {path} does not exist"
+    if model.location is not None:  # an external directory: its content may have changed since
+        now = manifest_id(manifest(path))
+        return f"has changed: {path} now holds content {now[:12]}" if now != model.id else None
+    lacking = [f.path for f in model.files if not (path / f.path).is_file()]
+    return f"is incomplete: {path} lacks {', '.join(lacking[:3])}" if lacking else None
+
+
+def _file_differences(recorded: list, rebuilt: list[FileEntry]) -> list[str]:
+    before = {f.path: f.sha256 for f in recorded}
+    after = {e.path: e.sha256 for e in rebuilt}
+    lines = []
+    for path in sorted(before.keys() | after.keys()):
+        if path not in after:
+            lines.append(f"{path}: missing from the rebuild")
+        elif path not in before:
+            lines.append(f"{path}: only in the rebuild")
+        elif before[path] != after[path]:
+            lines.append(f"{path}: sha256 {before[path][:12]} recorded, {after[path][:12]} rebuilt")
+    return lines
+
+
+def _version_changes(recorded: dict, now: dict) -> dict[str, tuple[str | None, str | None]]:
+    return {name: (recorded.get(name), now.get(name)) for name in sorted(recorded.keys() | now.keys()) if recorded.get(name) != now.get(name)}
+
+
+def _named(model: ModelRow) -> str:
+    return f"{model.name} ({model.id[:12]})" if model.name else model.id
+
+
+def _short(ids) -> str:
+    return ", ".join(i[:12] for i in ids) or "none"
+
+
 def cached_results(recipe: Recipe, settings: Settings, store: Store) -> list[ModelRow] | None:
     """Every stage's output if all of them are cached, else None; runs nothing."""
     versions = software_versions()
@@ -124,34 +217,14 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
         report(ProgressEvent(stage.name, "done", model_id=cached.id, cache_hit=True))
         return StageResult(stage.name, cached, True, seconds)
 
-    runner = STAGE_RUNNERS[stage.kind]
     with store.staging() as work:
-        out_dir = work / "out"
-        out_dir.mkdir()
-        dirs = [store.path_of(m) for m in inputs]
-        try:
-            output = runner.run(plan, dirs, out_dir, work, report, should_cancel)
-        except MergerError:
-            raise
-        except Exception as exc:  # the engine's own errors: name the stage, keep the cause chained
-            raise StageFailed(f"stage {stage.name!r} failed in {stage.kind}: {type(exc).__name__}: {exc}") from exc
-        parents = [(inp.role, model, inp.weight) for inp, model in zip(plan.inputs, inputs, strict=True)]
-        (out_dir / "README.md").write_text(
-            render_card(
-                name=stage.name, relation=output.card_relation, summary=runner.summary(stage), parents=parents,
-                recipe=normalized, versions=versions, library=output.library,
-            ),
-            encoding="utf-8",
-        )
+        out_dir, output = _build(plan, inputs, versions, store, work, report, should_cancel)
         model = store.publish(
             out_dir,
             name=stage.name,
             kind=output.kind,
             architecture=output.architecture,
-            parents=[
-                Parent(m.id, inp.relation, inp.role, inp.weight, {"loc": inp.loc, "ref": inp.text, **({"applied_to": inp.applied_to} if inp.applied_to else {})})
-                for inp, m in zip(plan.inputs, inputs, strict=True)
-            ],
+            parents=[Parent(m.id, inp.relation, inp.role, inp.weight, _edge_details(inp)) for inp, m in zip(plan.inputs, inputs, strict=True)],
             recipe=normalized,
             recipe_digest=digest_json(normalized),
             versions=versions,
@@ -161,6 +234,33 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
     store.record_run(stage=stage.name, cache_key=key, model_id=model.id, cache_hit=False, seconds=seconds)
     report(ProgressEvent(stage.name, "done", model_id=model.id))
     return StageResult(stage.name, model, False, seconds)
+
+
+def _build(plan: StagePlan, inputs: list[ModelRow], versions: dict, store: Store, work: Path,
+           report: Reporter, should_cancel: CancelCheck) -> tuple[Path, StageOutput]:
+    """Run a stage's runner into ``work/out`` and write its card; ``inputs[i]`` is the model behind ``plan.inputs[i]``."""
+    stage = plan.stage
+    runner = STAGE_RUNNERS[stage.kind]
+    out_dir = work / "out"
+    out_dir.mkdir()
+    try:
+        output = runner.run(plan, [store.path_of(m) for m in inputs], out_dir, work, report, should_cancel)
+    except MergerError:
+        raise
+    except Exception as exc:  # the engine's own errors: name the stage, keep the cause chained
+        raise StageFailed(f"stage {stage.name!r} failed in {stage.kind}: {type(exc).__name__}: {exc}") from exc
+    normalized = stage.model_dump(mode="json")
+    card_inputs = [CardInput(inp.role, inp.source.label, m.id, inp.weight) for inp, m in zip(plan.inputs, inputs, strict=True)]
+    card = render_card(name=stage.name, relation=output.card_relation, summary=runner.summary(stage), inputs=card_inputs,
+                       recipe=normalized, recipe_digest=digest_json(normalized), versions=versions, library=output.library)
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
+    return out_dir, output
+
+
+def _edge_details(inp: InputRef) -> dict:
+    """What a rebuild needs to pin this input: where the recipe names it, the text, and the label it had."""
+    details = {"loc": inp.loc, "ref": inp.text, "label": inp.source.label}
+    return details | ({"applied_to": inp.applied_to} if inp.applied_to else {})
 
 
 def _input_model(inp: InputRef, outputs: dict[str, ModelRow], store: Store) -> ModelRow:

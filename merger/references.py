@@ -7,12 +7,16 @@
    each root, and nothing may leave the roots (``..``, absolute paths and symlinks are checked after
    resolution);
 4. a Hugging Face id ``org/name`` (``@revision`` optional), taken from the local HF cache only.
+
+A rebuild pins references: a pinned text resolves to the exact stored model it resolved to when the
+model was built, whatever the names point to now.
 """
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from merger.card import model_label
 from merger.errors import MergerError
 from merger.settings import Settings
 from merger.store import Store
@@ -27,6 +31,15 @@ class Source:
     model_id: str | None = None
     stage: str | None = None
     hub_id: str | None = None
+    label: str = ""  # how cards and adapter configs name it: its Hub id where it has one, else its name
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A reference fixed to the stored model it named when a model was built, and the label it had then."""
+
+    model_id: str
+    label: str
 
 
 class UnresolvedReference(MergerError):
@@ -34,22 +47,31 @@ class UnresolvedReference(MergerError):
 
 
 class Resolver:
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store, pins: dict[str, Pin] | None = None):
         self.settings = settings
         self.store = store
+        self.pins = pins or {}  # reference text ("name" or "name@revision") -> pinned model
 
     def resolve(self, text: str, revision: str | None = None, *, stages: frozenset[str] = frozenset()) -> Source:
+        pin = self.pins.get(f"{text}@{revision}" if revision else text)
+        if pin is not None:
+            model = self.store.get(pin.model_id)
+            return Source("store", path=self.store.path_of(model), model_id=model.id, label=pin.label)
         if revision is None and text in stages:
-            return Source("stage", stage=text)
+            return Source("stage", stage=text, label=text)
         if revision is None:
             model = self.store.find(text, stored_only=True)
             if model is not None:
-                return Source("store", path=self.store.path_of(model), model_id=model.id)
-        local = self._under_roots(text)
+                return Source("store", path=self.store.path_of(model), model_id=model.id, label=model_label(model))
+        return self.external(text, revision)
+
+    def external(self, text: str, revision: str | None = None) -> Source:
+        """A directory under the model roots or, with a revision or when there is none, a Hub id in the local cache."""
+        local = self._under_roots(text) if revision is None else None
         if local is not None:
-            return Source("local", path=local)
+            return Source("local", path=local, label=local.name)
         if HUB_ID.match(text) and not Path(text).is_absolute():
-            return Source("hub", path=self._from_hf_cache(text, revision), hub_id=f"{text}@{revision}" if revision else text)
+            return Source("hub", path=self._from_hf_cache(text, revision), hub_id=f"{text}@{revision}" if revision else text, label=text)
         raise UnresolvedReference(self._not_found(text))
 
     def confine(self, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""YAML for untrusted recipes: safe types only, no anchors or aliases, bounded size."""
+"""YAML for untrusted recipes and model cards: safe types only, no anchors or aliases, bounded size."""
 
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,12 @@ class _NoAliasLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.constructor.ConstructorError(
-                None, None, "YAML aliases are not allowed in recipes", event.start_mark
+                None, None, "YAML aliases are not allowed", event.start_mark
             )
         event = self.peek_event()
         if getattr(event, "anchor", None):
             raise yaml.constructor.ConstructorError(
-                None, None, "YAML anchors are not allowed in recipes", event.start_mark
+                None, None, "YAML anchors are not allowed", event.start_mark
             )
         return super().compose_node(parent, index)
 
@@ -33,6 +33,14 @@ def load_recipe_text(text: str, *, source: str, max_bytes: int) -> Any:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - the loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise RecipeError([Problem(source, f"not valid recipe YAML: {exc}")]) from None
+
+
+def load_untrusted_yaml(text: str, *, source: str) -> Any:
+    """YAML other than a recipe (a model card's front matter); errors name ``source``."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - the loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise MergerError(f"{source}: not valid YAML: {exc}") from None
 
 
 def load_recipe_file(path: Path, *, max_bytes: int) -> Any:

@@ -10,11 +10,11 @@ import shutil
 import socket
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 
 from merger.db import CacheRow, EdgeRow, FileRow, ModelRow, RunRow, add_unless_exists, make_sessionmaker
 from merger.errors import MergerError
@@ -22,6 +22,7 @@ from merger.hashing import FileEntry, manifest, manifest_id
 from merger.settings import Settings
 
 HEX = re.compile(r"^[0-9a-f]{6,64}$")
+PLACEHOLDER = "placeholder"  # the kind of a parent known only by its label (no files); see merger.registry
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,6 @@ class Parent:
     role: str
     weight: float | None = None
     details: dict | None = None
-
-
-@dataclass
-class LineageNode:
-    model: ModelRow
-    relation: str | None = None
-    role: str | None = None
-    weight: float | None = None
-    parents: list["LineageNode"] = field(default_factory=list)
 
 
 class Store:
@@ -102,7 +94,7 @@ class Store:
             created = add_unless_exists(s, self._new_row(model_id, entries, name=name, kind=kind, architecture=architecture))
             row = s.get(ModelRow, model_id)
             if created or row.location is not None:  # new, or known before only as an external directory
-                row.location = None
+                row.location, row.name = None, name or row.name
                 row.recipe, row.recipe_digest = recipe, recipe_digest
                 row.versions, row.origin = versions, origin
                 row.parents = [
@@ -170,9 +162,10 @@ class Store:
     def find(self, ref: str, *, stored_only: bool = False) -> ModelRow | None:
         """A model by full id, unique id prefix (6+ hex digits) or name (the newest of that name).
 
-        ``stored_only`` skips external directories, whose content may have changed since they were seen.
+        ``stored_only`` skips external directories, whose content may have changed since they were seen,
+        and placeholders, which have no files.
         """
-        scope = ModelRow.location.is_(None) if stored_only else ModelRow.id.is_not(None)
+        scope = and_(ModelRow.location.is_(None), ModelRow.kind != PLACEHOLDER) if stored_only else ModelRow.id.is_not(None)
         with self.session() as s:
             if HEX.match(ref):
                 ids = list(s.scalars(select(ModelRow.id).where(scope, ModelRow.id.startswith(ref)).limit(2)))
@@ -195,20 +188,10 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(ModelRow).order_by(ModelRow.created_at)))
 
-    def lineage(self, model_id: str) -> LineageNode:
-        """The ancestor tree of a model (a DAG unfolded; a model reached twice appears twice)."""
-
-        def build(model: ModelRow, edge: EdgeRow | None, seen: frozenset[str]) -> LineageNode:
-            node = LineageNode(model, *(edge and (edge.relation, edge.role, edge.weight) or (None, None, None)))
-            if model.id not in seen:
-                for parent_edge in model.parents:
-                    node.parents.append(build(self.get(parent_edge.parent_id), parent_edge, seen | {model.id}))
-            return node
-
-        return build(self.get(model_id), None, frozenset())
-
     def export(self, model: ModelRow, dest: Path) -> Path:
         """Copy a model's files into ``dest`` (created; must not exist or be empty)."""
+        if model.kind == PLACEHOLDER:
+            raise MergerError(f"{model.name} is a placeholder (a parent named by a registered model's card): it has no files")
         if dest.exists() and any(dest.iterdir()):
             raise MergerError(f"{dest}: export directory is not empty")
         dest.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,18 @@ def test_pickle_checkpoint_is_refused_by_name(settings, store, model_root):
     assert "pytorch_model.bin" in msg and "pickle" in msg
 
 
+def test_remote_code_config_is_refused_by_name(settings, store, model_root):
+    import json
+
+    remote = model_root / "llama-remote-code"
+    shutil.copytree(model_root / "llama-ft1", remote, dirs_exist_ok=True)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}))
+    problems = problems_of({"merge_method": "linear", "models": [{"model": "llama-ft1"}, {"model": "llama-remote-code"}]}, settings, store)
+    msg = problems["stages[0].merge.models[1].model"]
+    assert "auto_map in config.json" in msg and "never runs remote code" in msg
+
+
 @pytest.fixture
 def outside(tmp_path, model_root):
     """A valid model and adapter outside the model roots, reachable by ../ and by absolute path."""

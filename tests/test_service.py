@@ -83,7 +83,7 @@ def test_submit_merge_and_download(service, tmp_path):
     again = alice.post("/v1/jobs", json={"recipe": linear(0.3), "name": "e2e"})
     assert again.status_code == 200 and again.json()["state"] == "succeeded" and again.json()["model_id"] == model["id"]
     lineage = alice.get(f"/v1/models/{model['id']}/lineage").json()
-    assert sorted(p["name"] for p in lineage["parents"]) == ["gemma3-ft1", "gemma3-ft2"]
+    assert sorted(n["name"] for n in lineage["nodes"][1:]) == ["gemma3-ft1", "gemma3-ft2"]
 
 
 def _events(client, job_id):

@@ -7,6 +7,7 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
+from merger.graph import ancestors
 from merger.hashing import manifest, manifest_id
 from merger.orchestrator import check_recipe, run_recipe
 from merger.settings import Settings
@@ -86,15 +87,16 @@ def test_two_stage_lineage_and_card(settings, store):
     assert final.model.recipe["merge"]["merge_method"] == "ties"
     assert {"merger", "mergekit", "torch", "transformers"} <= set(final.model.versions)
 
-    tree = store.lineage(final.model.id)
-    blend_node = next(n for n in tree.parents if n.model.id == blend.model.id)
-    assert sorted(n.model.name for n in blend_node.parents) == ["gemma3-ft1", "gemma3-ft2"]
+    tree = ancestors(store, final.model.id)
+    assert [tree.nodes[parent].name for edge, parent in tree.next_of(blend.model.id)] == ["gemma3-ft1", "gemma3-ft2"]
+    assert [e.loc for e in tree.edges if e.child == final.model.id] == [
+        "stages[1].merge.models[0].model", "stages[1].merge.models[1].model", "stages[1].merge.base_model"]
 
     card = (store.path_of(final.model) / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["base_model_relation"] == "merge"
     assert sorted(front["base_model"]) == ["blend", "gemma3-base", "gemma3-ft2"]
-    assert blend.model.id in card and "ties" in card
+    assert blend.model.id in card and "ties" in card and final.model.recipe_digest in card
 
 
 def test_exported_model_loads_in_transformers(settings, store, tmp_path):
@@ -158,8 +160,8 @@ def test_recipes_refer_to_stored_models_by_name_and_id_prefix(settings, store, t
 
     merger = str(Path(sys.executable).parent / "merger")
     tree = json.loads(subprocess.run([merger, "lineage", a.model.id[:8], "--json"], capture_output=True, text=True, check=True).stdout)
-    blend_node = next(p for p in tree["parents"] if p["id"] == blend.model.id)
-    assert sorted(p["name"] for p in blend_node["parents"]) == ["gemma3-ft1", "gemma3-ft2"]
+    names = {n["id"]: n["name"] for n in tree["nodes"]}
+    assert sorted(names[e["parent"]] for e in tree["edges"] if e["child"] == blend.model.id) == ["gemma3-ft1", "gemma3-ft2"]
     shown = json.loads(subprocess.run([merger, "show", "blend", "--json"], capture_output=True, text=True, check=True).stdout)
     assert shown["id"] == blend.model.id and shown["recipe"]["merge"]["merge_method"] == "linear"
     out = tmp_path / "exported"

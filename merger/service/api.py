@@ -4,29 +4,31 @@ import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 
-from merger import __version__
+from merger import __version__, graph
 from merger.db import ModelRow
 from merger.errors import MergerError, Problem, RecipeError
 from merger.orchestrator import check_recipe
+from merger.registry import register
 from merger.safe_yaml import load_recipe_text
-from merger.service.auth import can_see, owns, visible_to
+from merger.service.auth import can_see, grant, owns, visible_to
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.hub import router as hub_router
 from merger.service.jobs import FINAL, Jobs
-from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, ValidationOut, VisibilityIn
+from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, RegisterIn, ValidationOut, VisibilityIn
 from merger.settings import Settings
-from merger.store import HEX, LineageNode, Store
+from merger.store import HEX, Store
 
 LOG = logging.getLogger(__name__)
 EVENT_POLL = 0.25
+LINEAGE_MEDIA_TYPES = {"mermaid": "text/plain; charset=utf-8", "dot": "text/vnd.graphviz; charset=utf-8"}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -159,11 +161,40 @@ def _routes(app: FastAPI) -> None:
             s.get(ModelRow, model.id).public = body.public
         return ModelOut.of(svc.store.get(model.id))
 
-    @app.get("/v1/models/{model_id}/lineage", response_model=LineageOut)
-    def get_lineage(model_id: str, svc: ServiceDep, user: UserDep):
+    @app.post("/v1/models", response_model=ModelOut, status_code=201,
+              responses={200: {"model": ModelOut, "description": "the same bytes were in the store already"}})
+    def register_model(body: RegisterIn, svc: ServiceDep, user: UserDep):
+        """Copy a model or adapter from the server's model roots or Hugging Face cache into the store, with its
+        parents; runs in the request. The caller owns it, and sees the placeholders it created."""
+        done = register(svc.settings, svc.store, body.source, name=body.name, parents=body.parents, relation=body.relation)
+        with svc.store.session.begin() as s:
+            grant(s, [done.model.id], user, owner=True)
+            grant(s, [p.model_id for p in done.parents if p.placeholder], user)
+        out = ModelOut.of(svc.store.get(done.model.id))
+        return out if done.created else JSONResponse(out.model_dump(mode="json"), status_code=200)
+
+    @app.get("/v1/models/{model_id}/lineage", response_model=LineageOut,
+             responses={200: {"content": {"text/plain": {}, "text/vnd.graphviz": {}}, "description": "json, mermaid or dot"}})
+    def get_lineage(model_id: str, svc: ServiceDep, user: UserDep,
+                    direction: Literal["ancestors", "descendants"] | None = None,
+                    to: Annotated[str | None, Query(description="Another model: the lineage path between the two")] = None,
+                    fmt: Annotated[Literal["json", "mermaid", "dot"], Query(alias="format")] = "json"):
+        """Ancestors (default), descendants, or the path to another model. Models you may not see: see docs/lineage.md."""
+        if direction and to:
+            raise HTTPException(422, "give direction or to, not both")
         model = _visible_model(svc, model_id, user)
         with svc.store.session() as s:
-            return _lineage_out(svc.store.lineage(model.id), lambda m: can_see(s, m.id, user))
+            try:
+                if to:
+                    found = graph.between(svc.store, model.id, _visible_model(svc, to, user).id)
+                else:
+                    found = (graph.descendants if direction == "descendants" else graph.ancestors)(svc.store, model.id)
+                found = graph.visible_part(found, lambda i: can_see(s, i, user))
+            except (graph.NoPath, graph.NotVisible):
+                raise HTTPException(404, f"no lineage path you may see between {model_id} and {to}") from None
+        if fmt == "json":
+            return LineageOut.model_validate(graph.to_json(found))
+        return PlainTextResponse(graph.render(found, fmt), media_type=LINEAGE_MEDIA_TYPES[fmt])
 
     @app.api_route("/v1/models/{model_id}/files/{path:path}", methods=["GET", "HEAD"])
     def get_file(model_id: str, path: str, svc: ServiceDep, user: UserDep):
@@ -177,12 +208,3 @@ def _routes(app: FastAPI) -> None:
     def get_archive(model_id: str, svc: ServiceDep, user: UserDep):
         model = _visible_model(svc, model_id, user)
         return archive_response(svc.store.path_of(model), model)
-
-
-def _lineage_out(node: LineageNode, visible) -> LineageOut:
-    if not visible(node.model):
-        return LineageOut(id=node.model.id, relation=node.relation, role=node.role, weight=node.weight, hidden=True)
-    return LineageOut(
-        id=node.model.id, name=node.model.name, kind=node.model.kind, relation=node.relation, role=node.role,
-        weight=node.weight, parents=[_lineage_out(p, visible) for p in node.parents],
-    )

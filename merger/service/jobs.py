@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 
 from merger.db import JobRow, utcnow
 from merger.errors import Cancelled, MergerError, RecipeError
+from merger.graph import ancestors
 from merger.orchestrator import cached_results, check_recipe, run_recipe
 from merger.progress import ProgressEvent
 from merger.service.auth import ensure_user, grant
@@ -74,15 +75,7 @@ class Jobs:
 
     def _grant(self, s, outputs: list[str], user: str) -> None:
         """A job's owner owns its outputs and may see everything they came from (the owner named those inputs)."""
-        seen: dict[str, None] = {}
-
-        def visit(node) -> None:
-            seen[node.model.id] = None
-            for parent in node.parents:
-                visit(parent)
-
-        for model_id in outputs:
-            visit(self.store.lineage(model_id))
+        seen = sorted({node for model_id in outputs for node in ancestors(self.store, model_id).nodes})
         grant(s, [m for m in seen if m not in outputs], user)
         grant(s, outputs, user, owner=True)
 

@@ -1,7 +1,7 @@
 """The API's request and response bodies."""
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -66,6 +66,7 @@ class FileOut(BaseModel):
 class ParentOut(BaseModel):
     id: str
     name: str | None
+    kind: str = Field(description="model | adapter | placeholder (a parent known only by its label, not registered yet)")
     relation: str
     role: str
     weight: float | None
@@ -81,6 +82,8 @@ class ModelOut(BaseModel):
     created_at: datetime
     files: list[FileOut]
     parents: list[ParentOut]
+    recipe_digest: str | None = Field(description="sha256 of the stage recipe that produced it (none for registered models)")
+    origin: dict[str, Any] | None = Field(description="Where a registered or imported model came from (hub_id, revision, commit, source)")
 
     @classmethod
     def of(cls, model: ModelRow) -> "ModelOut":
@@ -88,19 +91,48 @@ class ModelOut(BaseModel):
             id=model.id, name=model.name, kind=model.kind, architecture=model.architecture, size_bytes=model.size_bytes,
             public=bool(model.public), created_at=model.created_at,
             files=[FileOut(path=f.path, size=f.size, sha256=f.sha256) for f in model.files],
-            parents=[ParentOut(id=e.parent_id, name=e.parent.name, relation=e.relation, role=e.role, weight=e.weight) for e in model.parents],
+            parents=[ParentOut(id=e.parent_id, name=e.parent.name, kind=e.parent.kind, relation=e.relation, role=e.role, weight=e.weight)
+                     for e in model.parents],
+            recipe_digest=model.recipe_digest, origin=model.origin,
         )
 
 
-class LineageOut(BaseModel):
+class RegisterIn(BaseModel):
+    source: str = Field(description="A directory under the server's model roots, or org/name[@revision] in its local Hugging Face cache")
+    name: str = Field(min_length=1, max_length=200, description="Its name in the store (its Hub id is a good one)")
+    parents: list[str] | None = Field(default=None, description="Hub ids, store ids or names; default: the card's base_model, else an adapter's base")
+    relation: Literal["adapter", "merge", "quantized", "finetune"] | None = Field(
+        default=None, description="Default: the card's base_model_relation, else inferred as the Hub does")
+
+
+class LineageNodeOut(BaseModel):
     id: str
     name: str | None = None
     kind: str | None = None
-    relation: str | None = None
-    role: str | None = None
-    weight: float | None = None
-    hidden: bool = Field(default=False, description="A private model of another user: only its id is shown")
-    parents: list["LineageOut"] = []
+    hub_id: str | None = None
+    recipe_digest: str | None = None
+    inputs: list[str] = Field(default=[], description="Every input id of the model, in recipe order")
+    hidden: bool = Field(default=False, description="A model you may not see: only its id is shown")
+
+
+class LineageEdgeOut(BaseModel):
+    child: str
+    parent: str = Field(description="The exact content id the child was made from")
+    relation: str
+    role: str
+    weight: float | None
+    position: int
+    recipe_digest: str | None = Field(description="The child's stage recipe digest")
+    ref: str | None = Field(description="The reference as the recipe wrote it (for a registered model: the parent's label)")
+    loc: str | None = Field(description="Where the recipe wrote it")
+
+
+class LineageOut(BaseModel):
+    root: str
+    direction: Literal["ancestors", "descendants"]
+    to: str | None
+    nodes: list[LineageNodeOut]
+    edges: list[LineageEdgeOut]
 
 
 class VisibilityIn(BaseModel):

@@ -20,7 +20,7 @@ from merger.modelfiles import ModelInfo, safetensors_header
 from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source
 from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import EQUAL_RANK_COMBINATIONS, AdaptersStage, Combination
-from merger.references import Source, UnresolvedReference
+from merger.references import UnresolvedReference
 
 RELATION = "adapter"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -49,7 +49,7 @@ def plan(stage: AdaptersStage, loc: tuple, context: PlanContext) -> tuple[StageP
     if base_info is not None and base_info.is_adapter:
         problems.append(Problem(base_loc, f"{spec.base!r} is an adapter, not a model"))
     inputs = [InputRef(base_loc, spec.base, base, "base", RELATION)]
-    label = base_label(base, spec.base, context)
+    label = base.label
     configs = []
     for j, item in enumerate(spec.adapters):
         where = format_loc(loc + ("adapters", j, "path"))
@@ -72,14 +72,6 @@ def plan(stage: AdaptersStage, loc: tuple, context: PlanContext) -> tuple[StageP
     problems += _rank_problems(spec, configs)
     output = base_info if spec.mode == "fold" else _combined_info(spec, configs, base_info)
     return StagePlan(stage, inputs, output, {"base_label": label}), problems
-
-
-def base_label(source: Source, text: str, context: PlanContext) -> str:
-    """The name adapters record for their base: a Hub id where the base has one."""
-    if source.kind == "store":
-        model = context.resolver.store.get(source.model_id)
-        return (model.origin or {}).get("hub_id") or model.name or text
-    return source.hub_id or text
 
 
 def _adapter_problems(info: ModelInfo, base_info: ModelInfo | None, label: str, spec) -> list[str]:

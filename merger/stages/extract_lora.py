@@ -12,7 +12,6 @@ from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspe
 from merger.progress import CancelCheck, Reporter
 from merger.recipe import ExtractLoraStage
 from merger.references import UnresolvedReference
-from merger.stages.adapters import base_label
 from merger.stages.mergekit_hooks import observed
 
 RELATION = "adapter"
@@ -47,7 +46,7 @@ def plan(stage: ExtractLoraStage, loc: tuple, context: PlanContext) -> tuple[Sta
             problems.append(Problem(inputs[1].loc, f"architecture {model.architecture} differs from the base's {base.architecture}"))
         elif {n: s for n, (_d, s) in base.tensors.items()} != {n: s for n, (_d, s) in model.tensors.items()}:
             problems.append(Problem(inputs[1].loc, "tensor names or shapes differ from the base's"))
-    label = base_label(inputs[0].source, spec.base, context) if inputs else spec.base
+    label = inputs[0].source.label if inputs else spec.base
     output = ModelInfo(path=Path(), architecture=infos[0].architecture if infos and infos[0] else None, is_adapter=True,
                        adapter_config={"peft_type": "LORA", "r": spec.rank, "base_model_name_or_path": label})
     return StagePlan(stage, inputs, output, {"base_label": label}), problems
