@@ -168,3 +168,24 @@ def test_architecture_without_a_converter_is_named(q_settings, spm_root, tmp_pat
     recipe = {"stages": [{"name": "q", "quantize": {"model": "odd-arch", "type": "Q8_0"}}]}
     with pytest.raises(RecipeError, match=r"stages\[0\]\.quantize\.model: architecture NoSuchForCausalLM has no GGUF converter"):
         check_recipe(recipe, q_settings, Store(q_settings), default_name="q")
+
+
+def test_three_recipes_fold_merge_quantize_form_one_graph_and_rebuild(q_settings, spm_root):
+    from merger import graph
+    from merger.orchestrator import rebuild
+
+    store = Store(q_settings)
+    recipes = [
+        {"stages": [{"name": "tuned", "adapters": {"base": "gemma3-spm", "mode": "fold", "adapters": [{"path": "gemma3-lora"}]}}]},
+        {"stages": [{"name": "blend", "merge": {"merge_method": "linear", "models": [
+            {"model": "tuned", "parameters": {"weight": 0.5}}, {"model": "gemma3-spm", "parameters": {"weight": 0.5}}]}}]},
+        {"stages": [{"name": "blend-q4", "quantize": {"model": "blend", "type": "Q4_K_M"}}]},
+    ]
+    ids = [run_recipe(check_recipe(r, q_settings, store, default_name=f"r{i}"), q_settings, store)[0].model.id
+           for i, r in enumerate(recipes)]
+    tree = graph.ancestors(store, ids[-1])
+    assert set(ids) <= set(tree.nodes)
+    relations = {(store.get(e.parent).name, store.get(e.child).name, e.relation) for e in tree.edges}
+    assert relations == {("gemma3-spm", "tuned", "adapter"), ("gemma3-lora", "tuned", "adapter"),
+                         ("tuned", "blend", "merge"), ("gemma3-spm", "blend", "merge"), ("blend", "blend-q4", "quantized")}
+    assert rebuild(store.get(ids[-1]), q_settings, store).identical
