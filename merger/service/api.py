@@ -21,7 +21,7 @@ from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.hub import router as hub_router
 from merger.service.jobs import FINAL, Jobs
-from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, ValidationOut, VisibilityIn
+from merger.service.schemas import EvaluationOut, JobIn, JobOut, LineageOut, ModelOut, RecipeIn, ValidationOut, VisibilityIn
 from merger.settings import Settings
 from merger.store import HEX, LineageNode, Store
 
@@ -164,6 +164,12 @@ def _routes(app: FastAPI) -> None:
         model = _visible_model(svc, model_id, user)
         with svc.store.session() as s:
             return _lineage_out(svc.store.lineage(model.id), lambda m: can_see(s, m.id, user))
+
+    @app.get("/v1/models/{model_id}/evals", response_model=list[EvaluationOut])
+    def get_evaluations(model_id: str, svc: ServiceDep, user: UserDep):
+        """Every stored evaluation of the model, oldest first."""
+        model = _visible_model(svc, model_id, user)
+        return [EvaluationOut.of(row) for row in svc.store.evaluations(model.id)]
 
     @app.api_route("/v1/models/{model_id}/files/{path:path}", methods=["GET", "HEAD"])
     def get_file(model_id: str, path: str, svc: ServiceDep, user: UserDep):
