@@ -297,6 +297,25 @@ def test_api_lists_a_models_evaluations_to_those_who_may_see_it(settings, store,
         assert hidden.status_code == 404
 
 
+def test_a_job_that_evaluates_runs_and_lets_its_owner_see_what_it_measured(settings, store, eval_root):
+    from merger.service.auth import can_see
+    from merger.service.jobs import Jobs
+
+    queued = []
+    jobs = Jobs(settings, store, lambda job_id, _queue: queued.append(job_id))
+    only_evaluate = {"stages": [MERGE_THEN_EVALUATE["stages"][1] | {"evaluate": {
+        "models": ["llama-base"], "perplexity": ["eval/data/words.txt"], "limit": 1, "window": 32}}]}
+    for recipe, made in ((MERGE_THEN_EVALUATE, "merged"), (MERGE_THEN_EVALUATE, "merged"), (only_evaluate, None)):
+        job = jobs.submit("carol", recipe, name="r")
+        assert job.state == "queued"  # never answered from the cache: an evaluation runs (cheaply when cached)
+        jobs.execute(job.id)
+        done = jobs.get(job.id)
+        assert done.state == "succeeded", done.error_message
+        assert done.model_id == (store.find(made).id if made else None)
+    with store.session() as s:
+        assert all(can_see(s, store.find(name).id, "carol") for name in ("merged", "llama-base", "llama-ft1"))
+
+
 # --- GGUF ---------------------------------------------------------------------------------------------------------
 
 
