@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from merger.errors import Cancelled, RecipeError
 from merger.evaluation import harness
 from merger.evaluation.datasets import DataError, task_file, text_file
-from merger.evaluation.runtimes import Transformers, llama_cpp_available
+from merger.evaluation.runtimes import CannotEvaluate, Transformers, llama_cpp_available
 from merger.evaluation.suite import Options, evaluate
 from merger.orchestrator import check_recipe, run_recipe
 from merger.store import Parent
@@ -154,6 +154,19 @@ def test_multiple_choice_picks_the_most_likely_continuation(settings, store, eva
 def test_bad_task_files_name_file_and_line(tmp_path, lines, message):
     with pytest.raises(DataError, match=message):
         task_file(jsonl(tmp_path / "bad.jsonl", lines), "bad.jsonl")
+
+
+def test_an_architecture_transformers_lacks_is_named(settings, store, model_root, tmp_path):
+    import shutil
+
+    strange = tmp_path / "strange"
+    shutil.copytree(model_root / "llama-base", strange)
+    config = json.loads((strange / "config.json").read_text())
+    (strange / "config.json").write_text(json.dumps(config | {"model_type": "no-such-model", "architectures": ["NoSuchForCausalLM"]}))
+    model = store.register_directory(strange)
+    data = jsonl(tmp_path / "t.jsonl", [{"prompt": "w4", "answer": "w5"}])
+    with pytest.raises(CannotEvaluate, match=r"strange: transformers \S+ can't load it as a causal language model"):
+        evaluate(store, [model], [task_file(data, "t.jsonl")], Options(parents=False))
 
 
 # --- the evaluate stage ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ continuation. The metrics use only that, so every runtime is measured by the sam
 """
 
 import importlib.util
-import logging
 from contextlib import contextmanager
 from functools import partial
 from importlib.metadata import version
@@ -239,7 +238,6 @@ class LlamaCpp:
         from llama_cpp import Llama
 
         path = gguf_file(model_dir)
-        logging.getLogger("llama_cpp").setLevel(logging.ERROR)
         try:
             llm = Llama(model_path=str(path), n_ctx=min(_trained_context(path), LLAMA_CPP_MAX_CONTEXT), logits_all=True,
                         n_threads=torch.get_num_threads(), verbose=False)
