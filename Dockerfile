@@ -29,11 +29,11 @@ RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC" \
 
 # Dependencies first, read from pyproject.toml: this layer is rebuilt when pyproject.toml changes,
 # not on every source edit. EXTRAS: comma-separated optional-dependency groups (postgres for the
-# compose stack's database, gguf for GGUF quantize stages; the gemma extra is left out on purpose: it
-# is model weights).
+# compose stack's database, gguf for GGUF quantize stages and llama.cpp evaluation, lm-eval for
+# lm-evaluation-harness tasks; the gemma extra is left out on purpose: it is model weights).
 WORKDIR /src
 COPY pyproject.toml README.md ./
-ARG EXTRAS=postgres,gguf
+ARG EXTRAS=postgres,gguf,lm-eval
 RUN python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; x = p.get("optional-dependencies", {}); print("\n".join(p["dependencies"] + [r for e in sys.argv[1].split(",") if e for r in x[e]]))' "$EXTRAS" > /tmp/requirements.txt \
  && cat /tmp/requirements.txt \
  && pip install -c /opt/torch-constraint.txt -r /tmp/requirements.txt

@@ -19,7 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from merger.evaluation import load_examples, task_accuracy
+from merger.evaluation.datasets import read_examples
+from merger.evaluation.metrics import generation_accuracy
+from merger.evaluation.runtimes import HFModel
 from merger.gguf_import import bundled_gemma_gguf, import_gguf
 from merger.orchestrator import check_recipe, run_recipe
 from merger.settings import Settings
@@ -59,7 +61,7 @@ def main() -> None:
 
     base_dir = store.path_of(base)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    examples = {task: load_examples(FIXTURES / "tasks" / f"{task}.jsonl", args.limit) for task in TASKS}
+    examples = {task: read_examples(FIXTURES / "tasks" / f"{task}.jsonl", args.limit) for task in TASKS}
     candidates = {
         "base": lambda: AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
         "+ sentiment (folded)": lambda: _model(store, results["sentiment-folded"]),
@@ -71,10 +73,10 @@ def main() -> None:
     table = Table("model", *TASKS, "seconds", title=f"task accuracy, first {args.limit} examples, greedy, float32")
     for label, load in candidates.items():
         started = time.perf_counter()
-        model = load().eval()
-        scores = [task_accuracy(model, tokenizer, examples[task]) for task in TASKS]
+        lm = HFModel("transformers", load(), tokenizer)
+        scores = [generation_accuracy(lm, examples[task], step=lambda _done, _total: None).values["accuracy"] for task in TASKS]
         table.add_row(label, *(f"{s:.2f}" for s in scores), f"{time.perf_counter() - started:.0f}")
-        del model
+        del lm
     console.print(table)
 
 

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.measure import Measurement
 from rich.table import Table
 from rich.tree import Tree
 
@@ -20,6 +21,7 @@ from merger import graph
 from merger.db import ModelRow
 from merger.errors import MergerError, RecipeError
 from merger.progress import ProgressEvent
+from merger.formatting import human_size as _size
 from merger.settings import Settings
 from merger.store import Store
 
@@ -74,23 +76,78 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Recompute even when the result is cached.")] = False,
 ) -> None:
     """Run every stage of a recipe in this process and print the final model's id."""
-    from merger.orchestrator import load_and_check, run_recipe
+    from merger.evaluation.table import as_json as evaluation_json, render as evaluation_table
+    from merger.orchestrator import final_model, load_and_check, run_recipe
 
     settings, store = _context()
     parsed = load_and_check(recipe, settings, store)
     with _stage_progress(as_json) as report:
         results = run_recipe(parsed, settings, store, force=force, report=report)
-    final = results[-1].model
+    final = final_model(results)
     if as_json:
-        data = model_json(final, store)
+        data = model_json(final, store) if final else {"id": None}
         data["stages"] = [
-            {"stage": r.stage, "id": r.model.id, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3)} for r in results
+            {"stage": r.stage, "id": r.model.id if r.model else None, "cache_hit": r.cache_hit, "seconds": round(r.seconds, 3)}
+            | ({"evaluation": evaluation_json(r.evaluation)} if r.evaluation else {})
+            for r in results
         ]
         print(json.dumps(data, indent=2))
-    else:
-        for r in results:
-            err.print(f"{r.stage}: {r.model.id} ({'cache hit' if r.cache_hit else f'{r.seconds:.1f} s'})")
+        return
+    for r in results:
+        made = r.model.id if r.model else f"{len(r.evaluation.results)} results"
+        err.print(f"{r.stage}: {made} ({'cache hit' if r.cache_hit else f'{r.seconds:.1f} s'})")
+    for r in results:
+        if r.evaluation:
+            _print_table(err, evaluation_table(r.evaluation, title=f"{r.stage}"))
+    if final:
         print(final.id)
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="Stored models: id, id prefix or name")],
+    tasks: Annotated[list[Path], typer.Option("--tasks", help='JSONL of {"prompt", "answer"} or {"prompt", "choices", "answer": index}; repeatable')] = [],  # noqa: B006
+    perplexity: Annotated[list[Path], typer.Option("--perplexity", help="UTF-8 text file; repeatable")] = [],  # noqa: B006
+    lm_eval: Annotated[list[Path], typer.Option("--lm-eval", help="lm-evaluation-harness task YAML with local data; repeatable")] = [],  # noqa: B006
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Examples per task file, windows of text, lm-eval documents")] = None,
+    no_parents: Annotated[bool, typer.Option("--no-parents", help="Only the named models, not their parents and sources")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (transformers)")] = "float32",
+    runtime: Annotated[str, typer.Option(help="auto | transformers | llama.cpp (GGUF models)")] = "auto",
+    window: Annotated[int, typer.Option(min=2, help="Perplexity window in tokens")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows (lm-eval requests) per forward pass")] = 8,
+    force: Annotated[bool, typer.Option("--force", help="Measure again even when results are stored")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Evaluate stored models and their parents on the same data; print one side-by-side table."""
+    from pydantic import ValidationError
+
+    from merger.evaluation.suite import evaluate
+    from merger.evaluation.table import as_json as evaluation_json, render as evaluation_table
+    from merger.recipe import EvaluateSpec
+    from merger.stages.evaluate import options_of
+
+    settings, store = _context()
+    try:
+        spec = EvaluateSpec(models=models, tasks=list(map(str, tasks)), perplexity=list(map(str, perplexity)),
+                            lm_eval=list(map(str, lm_eval)), limit=limit, parents=not no_parents, dtype=dtype,
+                            runtime=runtime, window=window, batch_size=batch_size)
+    except ValidationError as exc:
+        raise MergerError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())) from None
+    data = local_data_files(tasks, perplexity, lm_eval)
+    rows = [store.resolve(m) for m in models]
+    options = options_of(spec)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("eval", total=None, unit="")
+
+        def report(event: ProgressEvent) -> None:
+            bar.update(task, completed=event.done, total=event.total or None, unit=event.unit)
+
+        result = evaluate(store, rows, data, options, force=force, report=report)
+    if as_json:
+        print(json.dumps(evaluation_json(result), indent=2))
+    else:
+        _print_table(out, evaluation_table(result))
 
 
 @app.command()
@@ -405,12 +462,24 @@ def _stage_progress(as_json: bool) -> Iterator[Callable[[ProgressEvent], None]]:
         yield report
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+def _print_table(console: Console, table: Table) -> None:
+    """A table at its natural width where nobody's terminal limits it (a pipe, a file)."""
+    if not console.is_terminal:
+        width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        console = Console(file=console.file, width=max(width, console.width))
+    console.print(table)
+
+
+def local_data_files(tasks: list[Path], perplexity: list[Path], lm_eval: list[Path]):
+    """The CLI's data files: the user's own, read where they are (recipes read only under the model roots)."""
+    from merger.evaluation import harness
+    from merger.evaluation.datasets import task_file, text_file
+
+    def beside(text: str, yaml_dir: Path) -> Path:
+        return (yaml_dir / text).resolve()
+
+    return ([task_file(p.resolve(), str(p)) for p in tasks] + [text_file(p.resolve(), str(p)) for p in perplexity]
+            + [harness.task_file(p.resolve(), str(p), beside) for p in lm_eval])
 
 
 def _lineage_tree(found: graph.Lineage) -> Tree:

@@ -96,6 +96,26 @@ class RunRow(Base):
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class EvaluationRow(Base):
+    """One metric of one model on one data file; the key makes a re-evaluation with the same inputs free."""
+
+    __tablename__ = "evaluations"
+
+    cache_key: Mapped[str] = mapped_column(String(64), primary_key=True, comment="sha256 of model id, metric, data, settings, runtime, versions")
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    metric: Mapped[str] = mapped_column(String(40), comment="perplexity | task_accuracy | multiple_choice | lm_eval")
+    dataset: Mapped[str] = mapped_column(String(1024), comment="the data file as given (a label)")
+    dataset_sha256: Mapped[str] = mapped_column(String(64))
+    limit: Mapped[int | None] = mapped_column(Integer)
+    settings: Mapped[dict] = mapped_column(JSON, comment="everything else that shapes the value: window, dtype")
+    runtime: Mapped[str] = mapped_column(String(40), comment="transformers | transformers-gguf | llama.cpp")
+    values: Mapped[dict] = mapped_column(JSON)
+    tokens_per_second: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    versions: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class UserRow(Base):
     __tablename__ = "users"
 
@@ -180,5 +200,5 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-__all__ = ["Base", "ModelRow", "FileRow", "EdgeRow", "CacheRow", "RunRow", "UserRow", "TokenRow", "GrantRow", "JobRow",
+__all__ = ["Base", "ModelRow", "FileRow", "EdgeRow", "CacheRow", "RunRow", "EvaluationRow", "UserRow", "TokenRow", "GrantRow", "JobRow",
            "make_sessionmaker", "Engine"]

@@ -2,10 +2,12 @@
 
 For each stage, in order: resolve its inputs to content ids, look up the cache (same stage recipe, same
 input ids, same software versions), else run the stage's runner into a staging directory, write the
-model card, and publish the result atomically into the store with its lineage.
+model card, and publish the result atomically into the store with its lineage. A stage that makes no
+model (``evaluate``) stores its results in lineage instead, each cached on its own.
 """
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -15,6 +17,7 @@ from merger import __version__
 from merger.card import CardInput, model_label, render_card
 from merger.db import ModelRow
 from merger.errors import Cancelled, MergerError, StageFailed
+from merger.evaluation.suite import Report
 from merger.hashing import FileEntry, digest_json, manifest, manifest_id
 from merger.planning import InputRef, StageOutput, StagePlan, plan_draft
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
@@ -29,9 +32,15 @@ from merger.store import PLACEHOLDER, Parent, Store
 @dataclass(frozen=True)
 class StageResult:
     stage: str
-    model: ModelRow
-    cache_hit: bool
+    model: ModelRow | None  # None for a stage that makes no model
+    cache_hit: bool  # for an evaluate stage: every result was cached
     seconds: float
+    evaluation: Report | None = None  # an evaluate stage's results
+
+
+def final_model(results: list[StageResult]) -> ModelRow | None:
+    """The last model a run produced (or found cached)."""
+    return next((r.model for r in reversed(results) if r.model is not None), None)
 
 
 def software_versions() -> dict[str, str]:
@@ -78,8 +87,11 @@ def run_recipe(
     for plan in _plans(recipe, settings, store):
         if should_cancel():
             raise Cancelled(f"cancelled before stage {plan.stage.name}")
-        result = _run_stage(plan, outputs, settings, store, versions, force, report, should_cancel)
-        outputs[plan.stage.name] = result.model
+        if plan.stage.produces_model:
+            result = _run_stage(plan, outputs, settings, store, versions, force, report, should_cancel)
+            outputs[plan.stage.name] = result.model
+        else:
+            result = _run_evaluation(plan, outputs, store, force, report, should_cancel)
         results.append(result)
     return results
 
@@ -178,7 +190,12 @@ def _short(ids) -> str:
 
 
 def cached_results(recipe: Recipe, settings: Settings, store: Store) -> list[ModelRow] | None:
-    """Every stage's output if all of them are cached, else None; runs nothing."""
+    """Every stage's output if all of them are cached, else None; runs nothing.
+
+    A recipe that evaluates is never answered from here: it runs (its cached results make that quick).
+    """
+    if not all(stage.produces_model for stage in recipe.stages):
+        return None
     versions = software_versions()
     outputs: dict[str, ModelRow] = {}
     for plan in _plans(recipe, settings, store):
@@ -243,12 +260,8 @@ def _build(plan: StagePlan, inputs: list[ModelRow], versions: dict, store: Store
     runner = STAGE_RUNNERS[stage.kind]
     out_dir = work / "out"
     out_dir.mkdir()
-    try:
+    with _engine_errors(stage):
         output = runner.run(plan, [store.path_of(m) for m in inputs], out_dir, work, report, should_cancel)
-    except MergerError:
-        raise
-    except Exception as exc:  # the engine's own errors: name the stage, keep the cause chained
-        raise StageFailed(f"stage {stage.name!r} failed in {stage.kind}: {type(exc).__name__}: {exc}") from exc
     normalized = stage.model_dump(mode="json")
     card_inputs = [CardInput(inp.role, inp.source.label, m.id, inp.weight) for inp, m in zip(plan.inputs, inputs, strict=True)]
     card = render_card(name=stage.name, relation=output.card_relation, summary=runner.summary(stage), inputs=card_inputs,
@@ -261,6 +274,31 @@ def _edge_details(inp: InputRef) -> dict:
     """What a rebuild needs to pin this input: where the recipe names it, the text, and the label it had."""
     details = {"loc": inp.loc, "ref": inp.text, "label": inp.source.label}
     return details | ({"applied_to": inp.applied_to} if inp.applied_to else {})
+
+
+def _run_evaluation(plan: StagePlan, outputs: dict[str, ModelRow], store: Store, force: bool, report: Reporter,
+                    should_cancel: CancelCheck) -> StageResult:
+    stage = plan.stage
+    started = time.monotonic()
+    report(ProgressEvent(stage.name, "start", unit="examples"))
+    models = [_input_model(inp, outputs, store) for inp in plan.inputs]
+    with _engine_errors(stage):
+        evaluation = STAGE_RUNNERS[stage.kind].evaluate(plan, models, store, force=force, report=report,
+                                                        should_cancel=should_cancel)
+    cache_hit = all(r.cache_hit for r in evaluation.results)
+    report(ProgressEvent(stage.name, "done", cache_hit=cache_hit))
+    return StageResult(stage.name, None, cache_hit, time.monotonic() - started, evaluation)
+
+
+@contextmanager
+def _engine_errors(stage):
+    """The engines' own errors name the stage, with the cause chained; merger's errors pass as they are."""
+    try:
+        yield
+    except MergerError:
+        raise
+    except Exception as exc:
+        raise StageFailed(f"stage {stage.name!r} failed in {stage.kind}: {type(exc).__name__}: {exc}") from exc
 
 
 def _input_model(inp: InputRef, outputs: dict[str, ModelRow], store: Store) -> ModelRow:

@@ -20,7 +20,7 @@ class InputRef:
     loc: str
     text: str
     source: Source
-    role: str  # base | donor | tokenizer | adapter
+    role: str  # base | donor | tokenizer | adapter | evaluated
     relation: str  # the lineage relation of the output to this input: merge | adapter ...
     weight: float | None = None
     applied_to: str | None = None  # for an adapter folded into a model: that model's loc
@@ -87,7 +87,7 @@ def plan_draft(draft: Draft, resolver: Resolver) -> list[StagePlan]:
         if stage is not None:
             plan, stage_problems = STAGE_RUNNERS[stage.kind].plan(stage, ("stages", i, stage.kind), context)
             problems += stage_problems
-        if name:
+        if name and (stage is None or stage.produces_model):  # an evaluate stage's name is no model
             context.outputs[name] = plan.output_info if plan else None
         if plan:
             plans.append(plan)

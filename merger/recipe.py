@@ -27,7 +27,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class MergeStage(_Strict):
+class _Stage(_Strict):
+    produces_model: ClassVar[bool] = True  # stores a model (or adapter) under the stage's name
+
+
+class MergeStage(_Stage):
     """A mergekit merge; ``merge`` is any mergekit config (models, slices or modules)."""
 
     kind: ClassVar[str] = "merge"
@@ -88,7 +92,7 @@ class AdaptersSpec(_Strict):
         return self
 
 
-class AdaptersStage(_Strict):
+class AdaptersStage(_Stage):
     """Fold LoRA adapters into a base model, or combine them into one adapter."""
 
     kind: ClassVar[str] = "adapters"
@@ -109,7 +113,7 @@ class ExtractLoraSpec(_Strict):
         default=False, description="Also store embeddings / lm_head (at full size: an adapter as large as the model)")
 
 
-class ExtractLoraStage(_Strict):
+class ExtractLoraStage(_Stage):
     """A LoRA adapter that approximates a fine-tune's difference from its base (mergekit-extract-lora)."""
 
     kind: ClassVar[str] = "extract_lora"
@@ -137,7 +141,7 @@ class QuantizeSpec(_Strict):
         return self
 
 
-class QuantizeStage(_Strict):
+class QuantizeStage(_Stage):
     """A quantized copy of a model: GGUF (llama.cpp's converter and quantizer) or torchao (transformers)."""
 
     kind: ClassVar[str] = "quantize"
@@ -149,8 +153,42 @@ class QuantizeStage(_Strict):
         return []
 
 
-STAGE_KINDS: dict[str, type[_Strict]] = {"merge": MergeStage, "adapters": AdaptersStage, "extract_lora": ExtractLoraStage,
-                                         "quantize": QuantizeStage}
+class EvaluateSpec(_Strict):
+    models: list[str] = Field(min_length=1, description="Models to evaluate: earlier stage names or model references")
+    tasks: list[str] = Field(default_factory=list, description='Task JSONL files under the model roots: {"prompt", "answer"} lines (greedy generation) or {"prompt", "choices", "answer": index} lines (multiple choice)')
+    perplexity: list[str] = Field(default_factory=list, description="UTF-8 text files under the model roots")
+    lm_eval: list[str] = Field(default_factory=list, description="lm-evaluation-harness task YAMLs with local data files, under the model roots")
+    limit: int | None = Field(default=None, gt=0, description="Examples per task file, windows of text, documents per lm-eval task; default: all")
+    parents: bool = Field(default=True, description="Also evaluate each model's parents (base, donors) and a quantized model's unquantized source")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights dtype under transformers")
+    runtime: Literal["auto", "transformers", "llama.cpp"] = Field(default="auto", description="For GGUF models: llama.cpp where installed (auto), or transformers (dequantized)")
+    window: int = Field(default=512, ge=2, le=131072, description="Perplexity window in tokens (clipped to the model's context)")
+    batch_size: int = Field(default=8, gt=0, le=1024, description="Perplexity windows (lm-eval requests) per forward pass")
+
+    @model_validator(mode="after")
+    def _some_data(self):
+        if not (self.tasks or self.perplexity or self.lm_eval):
+            raise ValueError("name at least one data file: tasks, perplexity or lm_eval")
+        return self
+
+
+class EvaluateStage(_Stage):
+    """Evaluate models (and by default their parents) on the same data; results are stored in lineage, no model is made."""
+
+    kind: ClassVar[str] = "evaluate"
+    produces_model: ClassVar[bool] = False
+    name: str = Field(pattern=NAME_PATTERN)
+    evaluate: EvaluateSpec
+
+    @classmethod
+    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
+        return []
+
+
+STAGE_KINDS: dict[str, type[_Stage]] = {
+    "merge": MergeStage, "adapters": AdaptersStage, "extract_lora": ExtractLoraStage, "quantize": QuantizeStage,
+    "evaluate": EvaluateStage,
+}
 Stage = Union[tuple(STAGE_KINDS.values())]  # type: ignore[valid-type]
 
 

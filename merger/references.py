@@ -81,6 +81,15 @@ class Resolver:
             raise UnresolvedReference(self._not_found(text))
         return path
 
+    def data_file(self, text: str, relative_to: Path | None = None) -> Path:
+        """An evaluation data file under the model roots (``relative_to``: a directory to read ``text`` from)."""
+        path = self._under_roots(str(relative_to / text) if relative_to else text)
+        if path is None:
+            raise UnresolvedReference(f"{text!r} is not a file under the model roots ({self._roots_text()})")
+        if not path.is_file():
+            raise UnresolvedReference(f"{text!r} is a directory, not a data file")
+        return path
+
     def _under_roots(self, text: str) -> Path | None:
         roots = self.settings.model_roots
         raw = Path(text).expanduser()

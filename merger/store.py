@@ -16,7 +16,7 @@ from typing import Iterator
 
 from sqlalchemy import and_, select
 
-from merger.db import CacheRow, EdgeRow, FileRow, ModelRow, RunRow, add_unless_exists, make_sessionmaker
+from merger.db import CacheRow, EdgeRow, EvaluationRow, FileRow, ModelRow, RunRow, add_unless_exists, make_sessionmaker
 from merger.errors import MergerError
 from merger.hashing import FileEntry, manifest, manifest_id
 from merger.settings import Settings
@@ -151,6 +151,23 @@ class Store:
             query = select(RunRow).order_by(RunRow.id)
             if cache_key:
                 query = query.where(RunRow.cache_key == cache_key)
+            return list(s.scalars(query))
+
+    # --- evaluations ------------------------------------------------------------------------------------------
+
+    def evaluation(self, key: str) -> EvaluationRow | None:
+        with self.session() as s:
+            return s.get(EvaluationRow, key)
+
+    def save_evaluation(self, row: EvaluationRow) -> None:
+        """Insert, or replace a re-evaluation with the same key (``--force``)."""
+        with self.session.begin() as s:
+            if not add_unless_exists(s, row):
+                s.merge(row)
+
+    def evaluations(self, model_id: str) -> list[EvaluationRow]:
+        with self.session() as s:
+            query = select(EvaluationRow).where(EvaluationRow.model_id == model_id).order_by(EvaluationRow.created_at)
             return list(s.scalars(query))
 
     # --- queries ------------------------------------------------------------------------------------------

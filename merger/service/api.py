@@ -22,7 +22,7 @@ from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.hub import router as hub_router
 from merger.service.jobs import FINAL, Jobs
-from merger.service.schemas import JobIn, JobOut, LineageOut, ModelOut, RecipeIn, RegisterIn, ValidationOut, VisibilityIn
+from merger.service.schemas import EvaluationOut, JobIn, JobOut, LineageOut, ModelOut, RecipeIn, RegisterIn, ValidationOut, VisibilityIn
 from merger.settings import Settings
 from merger.store import HEX, Store
 
@@ -195,6 +195,12 @@ def _routes(app: FastAPI) -> None:
         if fmt == "json":
             return LineageOut.model_validate(graph.to_json(found))
         return PlainTextResponse(graph.render(found, fmt), media_type=LINEAGE_MEDIA_TYPES[fmt])
+
+    @app.get("/v1/models/{model_id}/evals", response_model=list[EvaluationOut])
+    def get_evaluations(model_id: str, svc: ServiceDep, user: UserDep):
+        """Every stored evaluation of the model, oldest first."""
+        model = _visible_model(svc, model_id, user)
+        return [EvaluationOut.of(row) for row in svc.store.evaluations(model.id)]
 
     @app.api_route("/v1/models/{model_id}/files/{path:path}", methods=["GET", "HEAD"])
     def get_file(model_id: str, path: str, svc: ServiceDep, user: UserDep):

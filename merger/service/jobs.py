@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from merger.db import JobRow, utcnow
 from merger.errors import Cancelled, MergerError, RecipeError
 from merger.graph import ancestors
-from merger.orchestrator import cached_results, check_recipe, run_recipe
+from merger.orchestrator import cached_results, check_recipe, final_model, run_recipe
 from merger.progress import ProgressEvent
 from merger.service.auth import ensure_user, grant
 from merger.service.leases import LeaseKeeper, Leases, make_leases
@@ -134,9 +134,12 @@ class Jobs:
             LOG.exception("job %s failed", job.id)
             self._finish(job.id, keeper, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
         else:
+            evaluated = [subject.model.id for r in results if r.evaluation for subject in r.evaluation.subjects]
             with self.session.begin() as s:
-                self._grant(s, [r.model.id for r in results], job.owner)
-            self._finish(job.id, keeper, "succeeded", model_id=results[-1].model.id)
+                self._grant(s, [r.model.id for r in results if r.model], job.owner)
+                grant(s, evaluated, job.owner)  # the owner named them: they may read their results
+            final = final_model(results)
+            self._finish(job.id, keeper, "succeeded", model_id=final.id if final else None)
 
     def _finish(self, job_id: str, keeper: LeaseKeeper, state: str, *, model_id: str | None = None,
                 error: tuple[str, str] | None = None) -> None:

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from merger.db import JobRow, ModelRow
+from merger.db import EvaluationRow, JobRow, ModelRow
 
 
 class RecipeIn(BaseModel):
@@ -137,6 +137,32 @@ class LineageOut(BaseModel):
 
 class VisibilityIn(BaseModel):
     public: bool
+
+
+class EvaluationOut(BaseModel):
+    """One stored measurement of a model (``merger eval`` or an evaluate stage)."""
+
+    dataset: str = Field(description="The data file as it was given")
+    dataset_sha256: str
+    metric: str = Field(description="perplexity | task_accuracy | multiple_choice | lm_eval")
+    value: float = Field(description="The headline number: perplexity, accuracy, or the lm-eval task's first metric")
+    values: dict[str, Any]
+    runtime: str
+    limit: int | None
+    settings: dict[str, Any]
+    tokens_per_second: float | None
+    seconds: float
+    versions: dict[str, str]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: EvaluationRow) -> "EvaluationOut":
+        from merger.evaluation.table import headline
+
+        return cls(dataset=row.dataset, dataset_sha256=row.dataset_sha256, metric=row.metric, value=headline(row),
+                   values=row.values, runtime=row.runtime, limit=row.limit, settings=row.settings,
+                   tokens_per_second=row.tokens_per_second, seconds=row.seconds, versions=row.versions,
+                   created_at=row.created_at)
 
 
 # --- the Hugging Face Hub protocol subset (field names are the Hub's) ---------------------------------------

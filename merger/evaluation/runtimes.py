@@ -1,0 +1,259 @@
+"""Runtimes: what loads a model directory for scoring, and what it can do once loaded.
+
+A runtime has a ``name`` (shown in result tables) and ``load(model_dir, dtype=..., tokenizer_dir=...)``
+returning a ``LoadedModel``: encode, decode, per-token log-probabilities of token sequences and greedy
+continuation. The metrics use only that, so every runtime is measured by the same code.
+
+- ``transformers``: a safetensors Hugging Face directory.
+- ``llama.cpp`` (llama-cpp-python, when importable) and ``transformers-gguf`` (transformers
+  ``gguf_file=``, dequantized): a directory holding exactly one ``*.gguf`` file, as the quantize stage
+  stores it. transformers-gguf takes the tokenizer from the GGUF, or, when transformers can't read it,
+  from ``tokenizer_dir`` (the unquantized source).
+"""
+
+import importlib.util
+from contextlib import contextmanager
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from merger.errors import MergerError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LLAMA_CPP_MAX_CONTEXT = 4096  # llama-cpp-python keeps logits for every position: context × vocabulary floats
+
+
+class CannotEvaluate(MergerError):
+    """A model that a runtime cannot load or run; the message says which and why."""
+
+
+class LoadedModel(Protocol):
+    runtime: str
+    context_length: int
+
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        """Token ids; ``special``: add special tokens (BOS) as the model's tokenizer does."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``, special tokens skipped."""
+
+    def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """For each sequence, log p(token[t] | tokens[:t]) for t = 1..len-1 (float32)."""
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of ``ids``: at most ``max_new_tokens``, ending at an end-of-sequence token."""
+
+
+class Runtime(Protocol):
+    name: str
+
+    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None) -> LoadedModel: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+
+def gguf_file(model_dir: Path) -> Path | None:
+    """The one ``*.gguf`` file of a GGUF model directory; None for other directories."""
+    files = sorted(model_dir.glob("*.gguf"))
+    if len(files) > 1:
+        raise CannotEvaluate(f"{model_dir}: holds {len(files)} .gguf files; a GGUF model directory holds exactly one")
+    return files[0] if files else None
+
+
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def runtime_for(model_dir: Path, choice: str = "auto") -> "Runtime":
+    """The runtime for a model directory. ``choice`` concerns GGUF models (safetensors ones always run in
+    transformers): ``auto`` prefers llama.cpp where it is installed."""
+    if gguf_file(model_dir) is None:
+        if not any(model_dir.glob("*.safetensors")):
+            raise CannotEvaluate(f"{model_dir}: holds neither .safetensors weights nor a .gguf file")
+        return Transformers()
+    if choice == "transformers":
+        return TransformersGGUF()
+    if llama_cpp_available():
+        return LlamaCpp()
+    if choice == "llama.cpp":
+        raise CannotEvaluate("runtime llama.cpp asked for, but llama-cpp-python is not installed (pip install -e .[gguf])")
+    return TransformersGGUF()
+
+
+# --- transformers -------------------------------------------------------------------------------------------
+
+
+class HFModel:
+    """A transformers causal LM and its tokenizer (also what lm-evaluation-harness is given)."""
+
+    def __init__(self, runtime: str, model, tokenizer):
+        self.runtime, self.model, self.tokenizer = runtime, model.eval(), tokenizer
+        self.context_length = getattr(model.config, "max_position_embeddings", None) or 2048
+
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        longest = max(map(len, sequences))
+        ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):  # right-padded: padding never precedes a scored token
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return [picked[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
+
+    @torch.inference_mode()
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        prompt = torch.tensor([ids])
+        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, len(ids):].tolist()
+
+
+class Transformers:
+    name = "transformers"
+
+    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None) -> HFModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = _loading(model_dir, lambda: AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False))
+        tokenizer = _loading(model_dir, lambda: AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False))
+        return HFModel(self.name, model, tokenizer)
+
+    def versions(self) -> dict[str, str]:
+        return {"transformers": version("transformers"), "torch": version("torch")}
+
+
+class TransformersGGUF(Transformers):
+    name = "transformers-gguf"
+
+    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None) -> HFModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        path = gguf_file(model_dir)
+        with _quiet_gguf_conversion():
+            model = _loading(path, lambda: AutoModelForCausalLM.from_pretrained(
+                model_dir, gguf_file=path.name, dtype=DTYPES[dtype], quantization_config=GgufConfig(dequantize=True)))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=path.name)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a tokenizer it can't convert
+            if tokenizer_dir is None:
+                raise CannotEvaluate(f"{path}: transformers can't read its tokenizer ({type(exc).__name__}: {exc}) "
+                                    "and no unquantized source is recorded in lineage to take it from") from None
+            tokenizer = _loading(tokenizer_dir, lambda: AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False))
+        return HFModel(self.name, model, tokenizer)
+
+    def versions(self) -> dict[str, str]:
+        return super().versions() | {"gguf": version("gguf")}
+
+
+@contextmanager
+def _quiet_gguf_conversion():
+    """transformers' GGUF reader draws its own tqdm bar, which ``disable_progress_bar`` does not reach."""
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    original = reader.tqdm
+    reader.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = original
+
+
+def _loading(where: Path, load):
+    """Run a transformers load; its errors (unknown architecture, bad files) become one clear message."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, NotImplementedError) as exc:
+        raise CannotEvaluate(f"{where}: transformers {version('transformers')} can't load it as a causal language model "
+                            f"({type(exc).__name__}: {exc})") from None
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+# --- llama.cpp ----------------------------------------------------------------------------------------------
+
+
+class LlamaCppModel:
+    def __init__(self, llm):
+        import llama_cpp
+
+        self.runtime, self.llm = LlamaCpp.name, llm
+        self.context_length = llm.n_ctx()
+        self._vocab = llm._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=special, special=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
+
+    def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        out = []
+        for seq in sequences:  # llama-cpp-python evaluates one sequence at a time
+            self._check_fits(len(seq))
+            self.llm.reset()
+            self.llm.eval(seq)
+            logits = torch.from_numpy(self.llm.scores[: len(seq) - 1].copy())
+            out.append(torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0])
+        return out
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        self._check_fits(len(ids) + max_new_tokens)
+        self.llm.reset()
+        self.llm.eval(ids)
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+            new.append(token)
+            if self._is_eog(self._vocab, token):
+                break
+            self.llm.eval([token])
+        return new
+
+    def _check_fits(self, length: int) -> None:
+        if length > self.context_length:
+            raise CannotEvaluate(f"{length} tokens do not fit llama.cpp's context of {self.context_length}")
+
+
+class LlamaCpp:
+    name = "llama.cpp"
+
+    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None) -> LlamaCppModel:
+        from llama_cpp import Llama
+
+        path = gguf_file(model_dir)
+        try:
+            llm = Llama(model_path=str(path), n_ctx=min(_trained_context(path), LLAMA_CPP_MAX_CONTEXT), logits_all=True,
+                        n_threads=torch.get_num_threads(), verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise CannotEvaluate(f"{path}: llama.cpp {version('llama_cpp_python')} can't load it ({exc})") from None
+        return LlamaCppModel(llm)
+
+    def versions(self) -> dict[str, str]:
+        return {"llama_cpp_python": version("llama_cpp_python")}
+
+
+def _trained_context(path: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = reader.fields["general.architecture"]
+    key = f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length"
+    field = reader.fields.get(key)
+    return int(field.parts[field.data[0]][0]) if field else LLAMA_CPP_MAX_CONTEXT

@@ -1,0 +1,194 @@
+"""Evaluating models and their lineage on the same data, with results cached in the lineage database.
+
+``subjects`` expands each named model into what it should be compared with: its parents (role base or
+donor; adapters are not standalone models), and for a quantized model its unquantized source and the
+source's parents. ``evaluate`` measures each subject on each data file, unless a stored result has the
+same key (model id, metric, data sha256, settings, runtime, software versions): re-evaluating the parents
+for another merge is free.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from merger import __version__
+from merger.db import EvaluationRow, ModelRow
+from merger.errors import Cancelled
+from merger.evaluation import harness, metrics
+from merger.evaluation.datasets import GENERATION, LM_EVAL, PERPLEXITY, DataError, DataFile, read_examples, read_text
+from merger.evaluation.runtimes import CannotEvaluate, LlamaCpp, LoadedModel, Runtime, TransformersGGUF, runtime_for
+from merger.hashing import digest_json
+from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
+from merger.store import Store
+
+MODEL_ROLES = ("base", "donor")
+
+
+@dataclass(frozen=True)
+class Options:
+    limit: int | None = None  # examples per task file, windows of text, documents of an lm-eval task
+    parents: bool = True
+    dtype: str = "float32"  # transformers runtimes
+    runtime: str = "auto"  # auto | transformers | llama.cpp (GGUF models)
+    window: int = 512  # perplexity window, in tokens
+    batch_size: int = 8  # perplexity windows (and lm-eval requests) per forward pass
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model to evaluate, how it relates to a model that was asked for, and where a GGUF's tokenizer may come from."""
+
+    model: ModelRow
+    relation: str
+    tokenizer_dir: Path | None = None
+
+
+@dataclass
+class Result:
+    subject: Subject
+    data: DataFile
+    row: EvaluationRow
+    cache_hit: bool
+
+
+@dataclass
+class Report:
+    data: list[DataFile]
+    subjects: list[Subject] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+
+    def result(self, model_id: str, data: DataFile) -> Result | None:
+        return next((r for r in self.results if r.subject.model.id == model_id and r.data == data), None)
+
+
+def subjects(store: Store, models: list[ModelRow], *, parents: bool) -> list[Subject]:
+    """The named models, then (unless ``parents`` is off) their parents and sources; each model once.
+
+    Relations read "base", "donor ×0.5", "unquantized source", "base of <source>"; with several named
+    models, a parent's relation also names its child.
+    """
+    found: dict[str, Subject] = {}
+
+    def add(model: ModelRow, relation: str) -> None:
+        if model.id not in found and model.kind == "model":
+            found[model.id] = Subject(model, relation, _unquantized_dir(store, model))
+
+    for model in models:
+        if model.kind != "model":
+            raise CannotEvaluate(f"{_name(model)} is a LoRA adapter, not a standalone model; evaluate a model it is folded into")
+        add(model, "evaluated")
+    for model in models if parents else []:
+        of = f" of {_name(model)}" if len(models) > 1 else ""
+        for edge in model.parents:
+            parent = store.get(edge.parent_id)
+            if edge.relation == "quantized":
+                add(parent, f"unquantized source{of}")
+                for source_edge in parent.parents:
+                    if source_edge.role in MODEL_ROLES:
+                        add(store.get(source_edge.parent_id), _parent_relation(source_edge, f" of {_name(parent)}"))
+            elif edge.role in MODEL_ROLES:
+                add(parent, _parent_relation(edge, of))
+    return list(found.values())
+
+
+def _parent_relation(edge, of: str) -> str:
+    return edge.role + of + ("" if edge.weight is None else f" ×{edge.weight:g}")
+
+
+def _name(model: ModelRow) -> str:
+    return model.name or model.id[:12]
+
+
+def _unquantized_dir(store: Store, model: ModelRow) -> Path | None:
+    source = next((e for e in model.parents if e.relation == "quantized"), None)
+    return store.path_of(store.get(source.parent_id)) if source else None
+
+
+def evaluate(store: Store, models: list[ModelRow], data: list[DataFile], options: Options, *, stage: str = "eval",
+             force: bool = False, report: Reporter = no_report,
+             should_cancel: CancelCheck = never_cancel) -> Report:
+    """Measure every subject on every data file (cached results are reused unless ``force``)."""
+    out = Report(data, subjects(store, models, parents=options.parents))
+    for subject in out.subjects:
+        model_dir = store.path_of(subject.model)
+        if not model_dir.is_dir():
+            raise CannotEvaluate(f"{_name(subject.model)}: its files are gone ({model_dir})")
+        plans = [(item, _runtime(model_dir, item, options)) for item in data]
+        todo: dict[str, list[tuple[DataFile, str]]] = {}
+        for item, runtime in plans:
+            key = _key(subject.model, item, runtime, options)
+            cached = None if force else store.evaluation(key)
+            if cached is not None:
+                out.results.append(Result(subject, item, cached, True))
+            else:
+                todo.setdefault(runtime.name, []).append((item, key))
+        runtimes = {runtime.name: runtime for _, runtime in plans}
+        for name, items in todo.items():
+            lm = runtimes[name].load(model_dir, dtype=options.dtype, tokenizer_dir=subject.tokenizer_dir)
+            for item, key in items:
+                step = _stepper(stage, f"{_name(subject.model)} · {item.label}", item.metric, report, should_cancel)
+                measured = _measure(lm, item, options, step, store)
+                row = _row(key, subject.model, item, runtimes[name], options, measured)
+                store.save_evaluation(row)
+                out.results.append(Result(subject, item, row, False))
+            del lm
+    return out
+
+
+def _runtime(model_dir: Path, item: DataFile, options: Options) -> Runtime:
+    runtime = runtime_for(model_dir, options.runtime)
+    if item.metric == LM_EVAL and isinstance(runtime, LlamaCpp):
+        return TransformersGGUF()  # lm-eval is given a transformers model
+    return runtime
+
+
+def _settings(item: DataFile, runtime: Runtime, options: Options) -> dict:
+    settings = {} if isinstance(runtime, LlamaCpp) else {"dtype": options.dtype}
+    if item.metric == PERPLEXITY:
+        settings["window"] = options.window
+    return settings
+
+
+def _versions(item: DataFile, runtime: Runtime) -> dict[str, str]:
+    return {"merger": __version__, **runtime.versions(), **(harness.versions() if item.metric == LM_EVAL else {})}
+
+
+def _key(model: ModelRow, item: DataFile, runtime: Runtime, options: Options) -> str:
+    return digest_json({"model": model.id, "metric": item.metric, "data": item.sha256, "limit": options.limit,
+                        "settings": _settings(item, runtime, options), "runtime": runtime.name,
+                        "versions": _versions(item, runtime)})
+
+
+def _row(key: str, model: ModelRow, item: DataFile, runtime: Runtime, options: Options, measured: metrics.Measured) -> EvaluationRow:
+    speed = measured.tokens / measured.seconds if measured.tokens and measured.seconds > 0 else None
+    return EvaluationRow(cache_key=key, model_id=model.id, metric=item.metric, dataset=item.label, dataset_sha256=item.sha256,
+                         limit=options.limit, settings=_settings(item, runtime, options), runtime=runtime.name,
+                         values=measured.values, tokens_per_second=speed, seconds=measured.seconds,
+                         versions=_versions(item, runtime))
+
+
+def _measure(lm: LoadedModel, item: DataFile, options: Options, step: metrics.Step, store: Store) -> metrics.Measured:
+    if item.metric == LM_EVAL:
+        with store.staging() as work:  # the datasets library's cache of the task data
+            return harness.run_task(lm.model, lm.tokenizer, item.harness_task, limit=options.limit,
+                                    batch_size=options.batch_size, cache_dir=work, step=step)
+    text_or_examples = read_text(item.path) if item.metric == PERPLEXITY else read_examples(item.path, options.limit)
+    try:
+        if item.metric == PERPLEXITY:
+            return metrics.perplexity(lm, text_or_examples, window=options.window, limit=options.limit,
+                                      batch_size=options.batch_size, step=step)
+        if item.metric == GENERATION:
+            return metrics.generation_accuracy(lm, text_or_examples, step=step)
+        return metrics.choice_accuracy(lm, text_or_examples, step=step)
+    except DataError as exc:
+        raise DataError(f"{item.path}: {exc}") from None
+
+
+def _stepper(stage: str, what: str, metric: str, report: Reporter, should_cancel: CancelCheck) -> metrics.Step:
+    unit = f"{'windows' if metric == PERPLEXITY else 'examples'} · {what}"
+
+    def step(done: int, total: int) -> None:
+        report(ProgressEvent(stage, "progress", done, total, unit=unit))
+        if should_cancel():
+            raise Cancelled(f"evaluation cancelled ({what})")
+
+    return step

@@ -1,0 +1,452 @@
+"""Evaluation: perplexity and accuracies against hand computations, the evaluate stage and its cache, the
+CLI, the API, GGUF models under transformers and llama.cpp, and lm-evaluation-harness tasks."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from merger.errors import Cancelled, RecipeError
+from merger.evaluation import harness
+from merger.evaluation.datasets import DataError, task_file, text_file
+from merger.evaluation.runtimes import CannotEvaluate, Transformers, llama_cpp_available
+from merger.evaluation.suite import Options, evaluate
+from merger.orchestrator import check_recipe, run_recipe
+from merger.store import Parent
+from tests.tiny_gguf import write_llama_gguf
+from tests.tiny_models import VOCAB, WORDS, make_sentencepiece_model, save_model, write_yaml
+
+MERGER = str(Path(sys.executable).parent / "merger")
+
+
+def word_text(n_words: int, seed: int, words: list[str] | None = None) -> str:
+    """Random words of the tiny WordLevel vocabulary (w4..w63), or of ``words``."""
+    rng = random.Random(seed)
+    words = words or [f"w{i}" for i in range(4, VOCAB)]
+    return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def make_chain_model(path: Path) -> Path:
+    """A Llama whose greedy next token is always the successor of the current one: w10 -> w11 -> w12 ...
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the normalized one-hot embedding of
+    the current token (8 e_i), and ``lm_head`` maps e_i to the logit 8 for token i+1 (0 for the others).
+    """
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=VOCAB, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-12,
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"], dtype="float32")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    successor = torch.zeros(VOCAB, VOCAB)
+    for token in range(VOCAB):
+        successor[4 + (token - 3) % (VOCAB - 4), token] = 1.0  # w4..w62 -> next word, w63 -> w4; specials -> w4...
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(VOCAB))
+        model.lm_head.weight.copy_(successor)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return save_model(model, path)
+
+
+@pytest.fixture(scope="session")
+def eval_root(model_root) -> Path:
+    """``eval/`` under the model root: the chain model, a SentencePiece Llama (BOS first), and evaluation data."""
+    root = model_root / "eval"
+    make_chain_model(root / "chain")
+    make_sentencepiece_model(root, "llama")
+    data = root / "data"
+    data.mkdir()
+    (data / "words.txt").write_text(word_text(300, seed=1))
+    (data / "spm.txt").write_text(word_text(300, seed=2, words=WORDS))
+    jsonl(data / "chain-tasks.jsonl", [
+        {"prompt": "w10", "answer": "w11"},  # right
+        {"prompt": "w20 w21", "answer": "w22 w23"},  # right: the continuation is w22 w23 w24
+        {"prompt": "w30", "answer": "w35"},  # wrong
+        {"prompt": "w40", "answer": "w41"},  # right
+    ])
+    jsonl(data / "chain-mc.jsonl", [
+        {"prompt": "w10", "choices": ["w30", "w11", "w12"], "answer": 1},  # right
+        {"prompt": "w20", "choices": ["w21 w22", "w21 w40"], "answer": 0},  # right
+        {"prompt": "w5", "choices": ["w6", "w7"], "answer": 1},  # wrong: w6 follows w5
+    ])
+    return root
+
+
+def registered(store, root: Path, path: str):
+    return store.register_directory(root / path, name=Path(path).name)
+
+
+def hand_perplexity(model_dir: Path, text: str, window: int) -> float:
+    """exp(mean NLL) over windows of ``window`` tokens (BOS first where the tokenizer adds it), plain torch."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    prefix = [tokenizer.bos_token_id] if tokenizer("the").input_ids[0] == tokenizer.bos_token_id else []
+    body = window - len(prefix)
+    nll = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - body + 1, body):
+            window_ids = torch.tensor([prefix + ids[start:start + body]])
+            logprobs = torch.log_softmax(model(window_ids).logits[0, :-1].double(), dim=-1)
+            nll.append(-logprobs.gather(1, window_ids[0, 1:, None])[:, 0])
+    return math.exp(torch.cat(nll).mean().item())
+
+
+# --- the metrics ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, text", [("llama-base", "words.txt"), ("gemma3-base", "words.txt"), ("eval/llama-spm", "spm.txt")])
+def test_perplexity_matches_a_hand_computation(settings, store, model_root, eval_root, name, text):
+    path = eval_root / "data" / text
+    model = registered(store, model_root, name)
+    report = evaluate(store, [model], [text_file(path, text)], Options(window=32, batch_size=3, parents=False))
+    [result] = report.results
+    expected = hand_perplexity(model_root / name, path.read_text(), 32)
+    assert result.row.values["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert result.row.values["window"] == 32 and result.row.tokens_per_second > 0
+    assert result.row.runtime == "transformers" and not result.cache_hit
+
+
+def test_perplexity_limit_counts_windows(settings, store, eval_root):
+    model = registered(store, eval_root, "llama-spm")
+    data = text_file(eval_root / "data" / "spm.txt", "spm.txt")
+    [result] = evaluate(store, [model], [data], Options(window=16, limit=3, parents=False)).results
+    assert result.row.values["windows"] == 3 and result.row.values["scored_tokens"] == 3 * 15
+
+
+def test_task_accuracy_counts_exactly_the_right_answers(settings, store, eval_root):
+    chain = registered(store, eval_root, "chain")
+    path = eval_root / "data" / "chain-tasks.jsonl"
+    [result] = evaluate(store, [chain], [task_file(path, "tasks")], Options(parents=False)).results
+    assert result.row.metric == "task_accuracy"
+    assert result.row.values == {"accuracy": 0.75, "right": 3, "examples": 4}
+    [limited] = evaluate(store, [chain], [task_file(path, "tasks")], Options(parents=False, limit=2)).results
+    assert limited.row.values["accuracy"] == 1.0
+
+
+def test_multiple_choice_picks_the_most_likely_continuation(settings, store, eval_root):
+    chain = registered(store, eval_root, "chain")
+    path = eval_root / "data" / "chain-mc.jsonl"
+    [result] = evaluate(store, [chain], [task_file(path, "mc")], Options(parents=False)).results
+    assert result.row.metric == "multiple_choice"
+    assert result.row.values == {"accuracy": pytest.approx(2 / 3), "right": 2, "examples": 3}
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a", "answer": "b"}', "", "{not json"], r"bad.jsonl:3: not JSON"),
+    (['{"prompt": "a", "answer": "b"}', '{"prompt": "a", "choices": ["x", "y"], "answer": 0}'], r"bad.jsonl:2: a multiple-choice example in a file of prompt/answer"),
+    (['{"prompt": "a", "choices": ["x", "y"], "answer": 2}'], r"bad.jsonl:1: \"answer\" must be the index"),
+    (['{"question": "a", "answer": "b"}'], r'bad.jsonl:1: expected an object with a string "prompt"'),
+    ([], r"bad.jsonl: no examples"),
+])
+def test_bad_task_files_name_file_and_line(tmp_path, lines, message):
+    with pytest.raises(DataError, match=message):
+        task_file(jsonl(tmp_path / "bad.jsonl", lines), "bad.jsonl")
+
+
+def test_an_architecture_transformers_lacks_is_named(settings, store, model_root, tmp_path):
+    import shutil
+
+    strange = tmp_path / "strange"
+    shutil.copytree(model_root / "llama-base", strange)
+    config = json.loads((strange / "config.json").read_text())
+    (strange / "config.json").write_text(json.dumps(config | {"model_type": "no-such-model", "architectures": ["NoSuchForCausalLM"]}))
+    model = store.register_directory(strange)
+    data = jsonl(tmp_path / "t.jsonl", [{"prompt": "w4", "answer": "w5"}])
+    with pytest.raises(CannotEvaluate, match=r"strange: transformers \S+ can't load it as a causal language model"):
+        evaluate(store, [model], [task_file(data, "t.jsonl")], Options(parents=False))
+
+
+# --- the evaluate stage ---------------------------------------------------------------------------------------------
+
+MERGE_THEN_EVALUATE = {"stages": [
+    {"name": "merged", "merge": {"merge_method": "ties", "base_model": "llama-base", "models": [
+        {"model": "llama-ft1", "parameters": {"weight": 0.5, "density": 0.5}},
+        {"model": "llama-ft2", "parameters": {"weight": 0.5, "density": 0.5}}]}},
+    {"name": "scores", "evaluate": {"models": ["merged"], "tasks": ["eval/data/chain-tasks.jsonl"],
+                                    "perplexity": ["eval/data/words.txt"], "limit": 2, "window": 32}},
+]}
+
+
+def test_merge_then_evaluate_stores_results_for_the_merge_and_its_parents_once(settings, store, eval_root, monkeypatch):
+    events = []
+    results = run_recipe(check_recipe(MERGE_THEN_EVALUATE, settings, store, default_name="r"), settings, store,
+                         report=events.append)
+    merged, scores = results
+    assert scores.model is None and not scores.cache_hit
+    relations = {s.model.name: s.relation for s in scores.evaluation.subjects}
+    assert relations == {"merged": "evaluated", "llama-base": "base", "llama-ft1": "donor ×0.5", "llama-ft2": "donor ×0.5"}
+    stored = stored_rows(store, scores)
+    assert all(len(rows) == 2 for rows in stored.values())
+    assert {dataset for _key, dataset, _at in stored["merged"]} == {"eval/data/chain-tasks.jsonl", "eval/data/words.txt"}
+    progress = [e for e in events if e.stage == "scores" and e.phase == "progress"]
+    assert progress[-1].unit.startswith("windows") or progress[-1].unit.startswith("examples")
+    assert {(e.done, e.total) for e in progress} >= {(0, 2), (1, 2), (2, 2)}
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a cached evaluation loaded a model")
+
+    monkeypatch.setattr(Transformers, "load", no_loading)
+    again = run_recipe(check_recipe(MERGE_THEN_EVALUATE, settings, store, default_name="r"), settings, store)[1]
+    assert again.cache_hit and all(r.cache_hit for r in again.evaluation.results)
+    assert stored_rows(store, again) == stored
+
+
+def stored_rows(store, result) -> dict[str, list[tuple]]:
+    return {s.model.name: [(r.cache_key, r.dataset, r.created_at) for r in store.evaluations(s.model.id)]
+            for s in result.evaluation.subjects}
+
+
+def test_evaluations_of_a_model_are_shared_between_merges(settings, store, eval_root):
+    """A second merge of the same parents measures only itself."""
+    run_recipe(check_recipe(MERGE_THEN_EVALUATE, settings, store, default_name="r"), settings, store)
+    other = json.loads(json.dumps(MERGE_THEN_EVALUATE))
+    other["stages"][0]["merge"]["merge_method"] = "linear"
+    other["stages"][0]["merge"].pop("base_model")
+    for m in other["stages"][0]["merge"]["models"]:
+        m["parameters"] = {"weight": 0.5}
+    other["stages"][0]["merge"]["models"].append({"model": "llama-base", "parameters": {"weight": 0.0}})
+    scores = run_recipe(check_recipe(other, settings, store, default_name="o"), settings, store)[1]
+    fresh = {r.subject.model.name for r in scores.evaluation.results if not r.cache_hit}
+    assert fresh == {"merged"}
+
+
+def test_cancel_between_batches(settings, store, model_root, eval_root):
+    checks = []
+
+    def cancel_on_second_check() -> bool:
+        checks.append(1)
+        return len(checks) >= 2
+
+    model = registered(store, model_root, "llama-base")
+    data = text_file(eval_root / "data" / "words.txt", "words.txt")
+    with pytest.raises(Cancelled):
+        evaluate(store, [model], [data], Options(window=16, batch_size=1, parents=False), should_cancel=cancel_on_second_check)
+    assert store.evaluations(model.id) == []
+
+
+def test_validation_names_every_evaluation_problem(settings, store, eval_root, tmp_path):
+    bad = jsonl(eval_root / "data" / "bad-line.jsonl", ['{"prompt": "a", "answer": "b"}', '{"prompt": 1}'])
+    recipe = {"stages": [{"name": "scores", "evaluate": {
+        "models": ["llama-base", "nope"], "tasks": ["eval/data/missing.jsonl", str(bad)], "perplexity": ["/etc/hostname"]}}]}
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(recipe, settings, store, default_name="v")
+    problems = {p.loc: p.msg for p in caught.value.problems}
+    assert "is not a stage" in problems["stages[0].evaluate.models[1]"]
+    assert "not a file under the model roots" in problems["stages[0].evaluate.tasks[0]"]
+    assert "bad-line.jsonl:2:" in problems["stages[0].evaluate.tasks[1]"]
+    assert "outside the model roots" in problems["stages[0].evaluate.perplexity[0]"]
+
+
+def test_an_evaluate_stage_is_no_model_for_later_stages(settings, store, eval_root):
+    recipe = {"stages": [
+        {"name": "scores", "evaluate": {"models": ["llama-base"], "perplexity": ["eval/data/words.txt"]}},
+        {"name": "m", "merge": {"merge_method": "linear", "models": [{"model": "scores", "parameters": {"weight": 1.0}}]}}]}
+    with pytest.raises(RecipeError, match=r"stages\[1\].merge.models\[0\].model: 'scores' is not a stage"):
+        check_recipe(recipe, settings, store, default_name="n")
+
+
+# --- CLI and API --------------------------------------------------------------------------------------------------
+
+
+def test_cli_eval_prints_one_table_and_json(settings, store, eval_root, tmp_path):
+    data = eval_root / "data"
+    recipe = write_yaml(tmp_path / "merge-eval.yaml", MERGE_THEN_EVALUATE)
+    wide = {**os.environ, "COLUMNS": "250"}
+    ran = subprocess.run([MERGER, "run", str(recipe)], capture_output=True, text=True, env=wide)
+    assert ran.returncode == 0, ran.stderr
+    assert "donor ×0.5" in ran.stderr and ran.stdout.strip() == store.find("merged").id
+
+    args = [MERGER, "eval", "merged", "--tasks", str(data / "chain-tasks.jsonl"), "--perplexity", str(data / "words.txt"),
+            "--limit", "2", "--window", "32"]
+    table = subprocess.run(args, capture_output=True, text=True, env=wide)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    for name, relation in [("merged", "evaluated"), ("llama-base", "base"), ("llama-ft1", "donor ×0.5")]:
+        assert any(name in line and relation in line and "transformers" in line for line in lines), table.stdout
+    assert "chain-tasks.jsonl" in table.stdout and "words.txt" in table.stdout and "tokens/s" in table.stdout
+
+    as_json = json.loads(subprocess.run(args + ["--json", "--no-parents"], capture_output=True, text=True).stdout)
+    [merged] = as_json["models"]
+    assert merged["relation"] == "evaluated" and {r["metric"] for r in merged["results"]} == {"task_accuracy", "perplexity"}
+    assert all(r["cache_hit"] for r in merged["results"])  # the same settings as the recipe's stage: cached
+
+    bad = jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a", "answer": "b"}', "{oops"])
+    failed = subprocess.run([MERGER, "eval", "merged", "--tasks", str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 1 and f"{bad}:2: not JSON" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_api_lists_a_models_evaluations_to_those_who_may_see_it(settings, store, eval_root):
+    from fastapi.testclient import TestClient
+
+    from merger.service.api import create_app
+    from merger.service.auth import create_token, grant
+
+    results = run_recipe(check_recipe(MERGE_THEN_EVALUATE, settings, store, default_name="r"), settings, store)
+    merged = results[0].model
+    with store.session.begin() as s:
+        alice, bob = create_token(s, "alice"), create_token(s, "bob")
+        grant(s, [merged.id], "alice", owner=True)
+    with TestClient(create_app(settings)) as client:
+        response = client.get(f"/v1/models/{merged.id[:12]}/evals", headers={"Authorization": f"Bearer {alice}"})
+        assert response.status_code == 200
+        rows = response.json()
+        assert {(r["metric"], r["dataset"]) for r in rows} == {("task_accuracy", "eval/data/chain-tasks.jsonl"),
+                                                               ("perplexity", "eval/data/words.txt")}
+        assert all(r["runtime"] == "transformers" and r["limit"] == 2 for r in rows)
+        hidden = client.get(f"/v1/models/{merged.id}/evals", headers={"Authorization": f"Bearer {bob}"})
+        assert hidden.status_code == 404
+
+
+def test_a_job_that_evaluates_runs_and_lets_its_owner_see_what_it_measured(settings, store, eval_root):
+    from merger.service.auth import can_see
+    from merger.service.jobs import Jobs
+
+    queued = []
+    jobs = Jobs(settings, store, lambda job_id, _queue: queued.append(job_id))
+    only_evaluate = {"stages": [MERGE_THEN_EVALUATE["stages"][1] | {"evaluate": {
+        "models": ["llama-base"], "perplexity": ["eval/data/words.txt"], "limit": 1, "window": 32}}]}
+    for recipe, made in ((MERGE_THEN_EVALUATE, "merged"), (MERGE_THEN_EVALUATE, "merged"), (only_evaluate, None)):
+        job = jobs.submit("carol", recipe, name="r")
+        assert job.state == "queued"  # never answered from the cache: an evaluation runs (cheaply when cached)
+        jobs.execute(job.id)
+        done = jobs.get(job.id)
+        assert done.state == "succeeded", done.error_message
+        assert done.model_id == (store.find(made).id if made else None)
+    with store.session() as s:
+        assert all(can_see(s, store.find(name).id, "carol") for name in ("merged", "llama-base", "llama-ft1"))
+
+
+# --- GGUF ---------------------------------------------------------------------------------------------------------
+
+
+def stored_gguf(store, source_dir: Path, tmp_path: Path, *, tokenizer: bool = True):
+    """A GGUF model as the quantize stage stores it: one .gguf and a card; lineage relation ``quantized``."""
+    source = store.register_directory(source_dir, name=source_dir.name)
+    staged = tmp_path / "gguf-staged"
+    staged.mkdir()
+    write_llama_gguf(source_dir, staged / "model-f32.gguf", tokenizer=tokenizer)
+    (staged / "README.md").write_text("---\nbase_model_relation: quantized\n---\n# llama-spm-gguf\n")
+    return store.publish(staged, name="llama-spm-gguf", parents=[Parent(source.id, "quantized", "base")]), source
+
+
+def gguf_report(store, eval_root, model, runtime: str):
+    data = eval_root / "data"
+    items = [text_file(data / "spm.txt", "spm.txt"), task_file(own_answers(eval_root, data), "own")]
+    return evaluate(store, [model], items, Options(window=32, runtime=runtime))
+
+
+def own_answers(eval_root: Path, data: Path) -> Path:
+    """Prompts answered with the unquantized model's own greedy continuation (right), or not (wrong)."""
+    path = data / "spm-own.jsonl"
+    if path.exists():
+        return path
+    lm = Transformers().load(eval_root / "llama-spm", dtype="float32")
+    rows = []
+    for prompt in (f"{a} {b}" for a in WORDS for b in WORDS):
+        continuation = lm.decode(lm.greedy(lm.encode(prompt, special=True), 3))
+        if continuation.isascii() and continuation.strip():  # a random model also emits lone UTF-8 bytes
+            wrong = next(w for w in WORDS if not continuation.startswith(w))
+            rows.append({"prompt": prompt, "answer": continuation if len(rows) % 2 == 0 else wrong})
+        if len(rows) == 4:
+            return jsonl(path, rows)
+    raise AssertionError("the random model continued no prompt with plain text")
+
+
+def test_gguf_under_transformers_matches_its_source(settings, store, eval_root, tmp_path):
+    gguf, source = stored_gguf(store, eval_root / "llama-spm", tmp_path)
+    report = gguf_report(store, eval_root, gguf, "transformers")
+    by = {(r.subject.model.name, r.data.label): r.row for r in report.results}
+    assert {s.model.name: s.relation for s in report.subjects} == {
+        "llama-spm-gguf": "evaluated", "llama-spm": "unquantized source"}
+    assert by["llama-spm-gguf", "spm.txt"].runtime == "transformers-gguf"
+    assert by["llama-spm-gguf", "spm.txt"].values["perplexity"] == pytest.approx(by["llama-spm", "spm.txt"].values["perplexity"], rel=1e-6)
+    assert by["llama-spm-gguf", "own"].values["accuracy"] == by["llama-spm", "own"].values["accuracy"] == 0.5
+
+
+def test_gguf_without_a_tokenizer_borrows_the_sources(settings, store, eval_root, tmp_path):
+    gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path, tokenizer=False)
+    data = eval_root / "data"
+    [result] = evaluate(store, [gguf], [text_file(data / "spm.txt", "spm.txt")], Options(window=32, runtime="transformers", parents=False)).results
+    assert result.row.values["perplexity"] == pytest.approx(hand_perplexity(eval_root / "llama-spm", (data / "spm.txt").read_text(), 32), rel=1e-5)
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+def test_gguf_under_llama_cpp_matches_its_source(settings, store, eval_root, tmp_path):
+    gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path)
+    report = gguf_report(store, eval_root, gguf, "auto")
+    by = {(r.subject.model.name, r.data.label): r.row for r in report.results}
+    assert by["llama-spm-gguf", "spm.txt"].runtime == "llama.cpp" and by["llama-spm", "spm.txt"].runtime == "transformers"
+    assert by["llama-spm-gguf", "spm.txt"].values["perplexity"] == pytest.approx(by["llama-spm", "spm.txt"].values["perplexity"], rel=1e-4)
+    assert by["llama-spm-gguf", "own"].values["accuracy"] == 0.5
+
+
+def test_quantize_then_evaluate_compares_the_gguf_with_its_source(settings, store, eval_root):
+    from merger.gguf_tools import GgufToolsMissing, find_converter
+
+    try:
+        find_converter(settings.tools_dir)
+    except GgufToolsMissing as exc:
+        pytest.skip(str(exc))
+    recipe = {"stages": [
+        {"name": "q8", "quantize": {"model": "eval/llama-spm", "type": "Q8_0"}},
+        {"name": "scores", "evaluate": {"models": ["q8"], "perplexity": ["eval/data/spm.txt"], "window": 32}}]}
+    _q8, scores = run_recipe(check_recipe(recipe, settings, store, default_name="q"), settings, store)
+    rows = {r.subject.model.name: (r.subject.relation, r.row) for r in scores.evaluation.results}
+    assert rows.keys() == {"q8", "llama-spm"} and rows["llama-spm"][0] == "unquantized source"
+    assert rows["q8"][1].runtime == ("llama.cpp" if llama_cpp_available() else "transformers-gguf")
+    assert rows["q8"][1].values["perplexity"] == pytest.approx(rows["llama-spm"][1].values["perplexity"], rel=0.02)
+
+
+# --- lm-evaluation-harness ----------------------------------------------------------------------------------------
+
+LM_EVAL_TASK = """\
+task: chain_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: chain-mc.jsonl}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{prompt}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.skipif(not harness.available(), reason="lm-eval is not installed")
+def test_lm_eval_local_task_agrees_with_multiple_choice(settings, store, eval_root):
+    task = eval_root / "data" / "chain_mc.yaml"
+    task.write_text(LM_EVAL_TASK)
+    recipe = {"stages": [{"name": "harness", "evaluate": {"models": ["eval/chain"], "lm_eval": ["eval/data/chain_mc.yaml"],
+                                                          "tasks": ["eval/data/chain-mc.jsonl"]}}]}
+    [result] = run_recipe(check_recipe(recipe, settings, store, default_name="h"), settings, store)
+    by_metric = {r.row.metric: r.row.values for r in result.evaluation.results}
+    assert by_metric["lm_eval"]["metrics"]["acc,none"] == pytest.approx(2 / 3)
+    assert by_metric["multiple_choice"]["accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.skipif(not harness.available(), reason="lm-eval is not installed")
+def test_lm_eval_tasks_that_name_code_or_remote_data_are_refused(settings, store, eval_root):
+    data = eval_root / "data"
+    (data / "code.yaml").write_text(LM_EVAL_TASK + "process_docs: !function utils.process\n")
+    (data / "remote.yaml").write_text(LM_EVAL_TASK.replace("dataset_path: json", "dataset_path: org/some-dataset"))
+    recipe = {"stages": [{"name": "h", "evaluate": {"models": ["eval/chain"], "lm_eval": ["eval/data/code.yaml", "eval/data/remote.yaml"]}}]}
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(recipe, settings, store, default_name="h")
+    problems = {p.loc: p.msg for p in caught.value.problems}
+    assert "!function" in problems["stages[0].evaluate.lm_eval[0]"]
+    assert "merger never downloads" in problems["stages[0].evaluate.lm_eval[1]"]
