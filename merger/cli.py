@@ -12,16 +12,16 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.measure import Measurement
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
 from merger import graph
 from merger.db import ModelRow
 from merger.errors import MergerError, RecipeError
-from merger.progress import ProgressEvent
 from merger.formatting import human_size as _size
+from merger.progress import ProgressEvent
 from merger.settings import Settings
 from merger.store import Store
 
@@ -76,7 +76,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Recompute even when the result is cached.")] = False,
 ) -> None:
     """Run every stage of a recipe in this process and print the final model's id."""
-    from merger.evaluation.table import as_json as evaluation_json, render as evaluation_table
+    from merger.evaluation.table import as_json as evaluation_json
+    from merger.evaluation.table import render as evaluation_table
     from merger.orchestrator import final_model, load_and_check, run_recipe
 
     settings, store = _context()
@@ -122,7 +123,8 @@ def eval_(
     from pydantic import ValidationError
 
     from merger.evaluation.suite import evaluate
-    from merger.evaluation.table import as_json as evaluation_json, render as evaluation_table
+    from merger.evaluation.table import as_json as evaluation_json
+    from merger.evaluation.table import render as evaluation_table
     from merger.recipe import EvaluateSpec
     from merger.stages.evaluate import options_of
 
@@ -297,7 +299,8 @@ def import_gguf(
     as_json: JsonFlag = False,
 ) -> None:
     """Dequantize a GGUF causal LM into a bf16 safetensors model in the store."""
-    from merger.gguf_import import bundled_gemma_gguf, import_gguf as do_import
+    from merger.gguf_import import bundled_gemma_gguf
+    from merger.gguf_import import import_gguf as do_import
 
     settings, store = _context()
     path = gguf or bundled_gemma_gguf()

@@ -30,6 +30,11 @@ class _Strict(BaseModel):
 class _Stage(_Strict):
     produces_model: ClassVar[bool] = True  # stores a model (or adapter) under the stage's name
 
+    @classmethod
+    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
+        """Checks beyond the pydantic model's own (which is strict already): none by default."""
+        return []
+
 
 class MergeStage(_Stage):
     """A mergekit merge; ``merge`` is any mergekit config (models, slices or modules)."""
@@ -100,9 +105,6 @@ class AdaptersStage(_Stage):
     adapters: AdaptersSpec
     seed: int = Field(default=0, description="Random seed for dare_* combinations")
 
-    @classmethod
-    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
-        return []  # the pydantic model is strict already
 
 
 class ExtractLoraSpec(_Strict):
@@ -120,9 +122,6 @@ class ExtractLoraStage(_Stage):
     name: str = Field(pattern=NAME_PATTERN)
     extract_lora: ExtractLoraSpec
 
-    @classmethod
-    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
-        return []
 
 
 QUANTIZE_TYPES = {"gguf": GGUF_TYPES, "torchao": ("int8", "int4")}
@@ -148,9 +147,6 @@ class QuantizeStage(_Stage):
     name: str = Field(pattern=NAME_PATTERN)
     quantize: QuantizeSpec
 
-    @classmethod
-    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
-        return []
 
 
 class EvaluateSpec(_Strict):
@@ -180,9 +176,6 @@ class EvaluateStage(_Stage):
     name: str = Field(pattern=NAME_PATTERN)
     evaluate: EvaluateSpec
 
-    @classmethod
-    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
-        return []
 
 
 STAGE_KINDS: dict[str, type[_Stage]] = {

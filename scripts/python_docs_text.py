@@ -3,7 +3,6 @@ which every Python installation carries, cut to about eight 512-token windows.""
 
 import sys
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 CHARACTERS = 16_000

@@ -88,7 +88,7 @@ def test_fold_matches_peft_merge_and_unload(settings, store, loras):
 def test_combine_equals_peft_add_weighted_adapter(settings, store, loras, combination):
     names = ["lora-a", "lora-c"] if combination["type"] == "ties" else ["lora-a", "lora-b"]  # ties needs equal ranks
     weights = [1.0, 0.6]
-    stage = adapters_stage("combined", "combine", [{"path": n, "weight": w} for n, w in zip(names, weights)], combination=combination)
+    stage = adapters_stage("combined", "combine", [{"path": n, "weight": w} for n, w in zip(names, weights, strict=True)], combination=combination)
     [result] = run({"stages": [stage]}, settings, store)
     assert result.model.kind == "adapter"
     ours = load_file(store.path_of(result.model) / "adapter_model.safetensors")
@@ -108,7 +108,7 @@ def test_combine_equals_peft_add_weighted_adapter(settings, store, loras, combin
     assert front["base_model_relation"] == "adapter" and front["base_model"] == ["llama-base"]
     assert all(n in card for n in names)
     edges = [(e.parent.name, e.relation, e.role, e.weight) for e in result.model.parents]
-    assert edges == [("llama-base", "adapter", "base", None)] + [(n, "adapter", "adapter", w) for n, w in zip(names, weights)]
+    assert edges == [("llama-base", "adapter", "base", None)] + [(n, "adapter", "adapter", w) for n, w in zip(names, weights, strict=True)]
 
 
 def test_combined_adapter_feeds_a_merge(settings, store, loras):

@@ -22,7 +22,17 @@ from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.hub import router as hub_router
 from merger.service.jobs import FINAL, Jobs
-from merger.service.schemas import EvaluationOut, JobIn, JobOut, LineageOut, ModelOut, RecipeIn, RegisterIn, ValidationOut, VisibilityIn
+from merger.service.schemas import (
+    EvaluationOut,
+    JobIn,
+    JobOut,
+    LineageOut,
+    ModelOut,
+    RecipeIn,
+    RegisterIn,
+    ValidationOut,
+    VisibilityIn,
+)
 from merger.settings import Settings
 from merger.store import HEX, Store
 

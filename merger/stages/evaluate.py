@@ -11,7 +11,8 @@ from merger.db import ModelRow
 from merger.errors import Problem, format_loc
 from merger.evaluation import harness
 from merger.evaluation.datasets import DataError, DataFile, task_file, text_file
-from merger.evaluation.suite import Options, Report, evaluate as evaluate_models
+from merger.evaluation.suite import Options, Report
+from merger.evaluation.suite import evaluate as evaluate_models
 from merger.planning import InputRef, PlanContext, StagePlan, inspect_source
 from merger.progress import CancelCheck, Reporter
 from merger.recipe import EvaluateSpec, EvaluateStage
