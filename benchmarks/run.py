@@ -1,9 +1,9 @@
 """Benchmark `merger run` against its real peers on Gemma 3 270M: `mergekit-yaml` for merges, PEFT's
-`merge_and_unload` for folding LoRA adapters.
+`merge_and_unload` for folding LoRA adapters, llama.cpp's converter and quantizer run by hand for GGUF.
 
 One command, from the repo root:
 
-    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties,fold] [--work DIR]
+    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties,fold,q8_0,q4_k_m] [--work DIR]
 
 1. prepare: import Gemma 3 270M into a benchmark store and copy it to <work>/models/base; fold each
    fixture LoRA adapter into it (float32, saved as bf16) as <work>/models/ft-{sentiment,json}.
@@ -12,7 +12,8 @@ One command, from the repo root:
    alternating order, measuring each child's wall time and peak RSS (os.wait4 reports the usage
    of that one child).
    fold: both fixture adapters at weight 1.0 into the base, merger's adapters stage vs
-   benchmarks/peft_fold.py.
+   benchmarks/peft_fold.py. q8_0, q4_k_m: the base quantized to GGUF, merger's quantize stage vs
+   benchmarks/llama_cpp_quantize.py (the same llama.cpp converter, then its quantizer).
 3. check that merger's output tensors are bit-identical to the peer's; print a table and write
    the rows to <work>/results.json.
 """
@@ -37,7 +38,8 @@ from safetensors.torch import load_file
 
 from merger.recipe import RANDOMIZED_METHODS
 
-METHODS = ("linear", "slerp", "ties", "dare_ties", "fold")
+METHODS = ("linear", "slerp", "ties", "dare_ties", "fold", "q8_0", "q4_k_m")
+GGUF_METHODS = ("q8_0", "q4_k_m")
 # the LoRA fixtures live beside the checkout (../shared/fixtures), as on every developer and CI machine
 ADAPTERS = Path(os.environ.get("MERGER_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")) / "adapters"
 FINE_TUNES = ("sentiment", "json")
@@ -167,6 +169,17 @@ def bench(method: str, order: int, work: Path, models: Path) -> Row:
                     *(str(ADAPTERS / task) for task in FINE_TUNES)]
         merger_cfg = write_yaml(runs / "bench-fold.yaml", fold_recipe())
         env = merger_env(work) | {"MERGER_MODEL_ROOTS": f"{models}:{ADAPTERS}"}
+    elif method in GGUF_METHODS:
+        from merger.gguf_tools import find_converter
+        from merger.settings import Settings
+
+        peer = "llama.cpp convert (+ quantize)"
+        peer_out = runs / "peer-out.gguf"
+        converter = find_converter(Settings().tools_dir).script
+        peer_cmd = [sys.executable, str(Path(__file__).parent / "llama_cpp_quantize.py"), str(converter), str(models / "base"),
+                    str(peer_out), method.upper()]
+        merger_cfg = write_yaml(runs / f"bench-{method}.yaml", {"stages": [{"name": f"bench-{method}", "quantize": {"model": "base", "type": method.upper()}}]})
+        env = merger_env(work)
     else:
         peer = "mergekit-yaml"
         mergekit_cfg = write_yaml(runs / "mergekit.yaml", merge_config(method, lambda name: str(models / name)))
@@ -188,7 +201,11 @@ def bench(method: str, order: int, work: Path, models: Path) -> Row:
     else:
         mg, pr = run_merger(), run_peer()
 
-    equal = same_tensors(peer_out / "model.safetensors", Path(json.loads(mg.stdout)["path"]) / "model.safetensors")
+    merger_out = Path(json.loads(mg.stdout)["path"])
+    if method in GGUF_METHODS:
+        equal = same_gguf_tensors(peer_out, next(merger_out.glob("*.gguf")))
+    else:
+        equal = same_tensors(peer_out / "model.safetensors", merger_out / "model.safetensors")
     console.print(f"  outputs equal: {'[green]yes' if equal else '[red]NO'}[/]")
     return Row(
         method, peer,
@@ -204,6 +221,14 @@ def fold_recipe() -> dict:
     # the adapters name google/gemma-3-270m; the base here is a plain directory called "base"
     spec = {"base": "base", "mode": "fold", "adapters": adapters, "allow_other_base": True}
     return {"stages": [{"name": "bench-fold", "adapters": spec}]}
+
+
+def same_gguf_tensors(a: Path, b: Path) -> bool:
+    """Same tensor names, types and bytes (the metadata differs: the model's name)."""
+    from gguf import GGUFReader
+
+    ta, tb = ({t.name: t for t in GGUFReader(f).tensors} for f in (a, b))
+    return ta.keys() == tb.keys() and all(ta[k].tensor_type == tb[k].tensor_type and (ta[k].data == tb[k].data).all() for k in ta)
 
 
 def same_tensors(a: Path, b: Path) -> bool:

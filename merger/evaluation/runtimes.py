@@ -23,6 +23,7 @@ import torch
 from merger.errors import MergerError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits one transformers forward pass may hold
 LLAMA_CPP_MAX_CONTEXT = 4096  # llama-cpp-python keeps logits for every position: context × vocabulary floats
 
 
@@ -99,17 +100,28 @@ class HFModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    @torch.inference_mode()
     def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        # a forward pass holds logits for every position: sequences × length × vocabulary floats (Gemma 3's
+        # 262,144-token vocabulary makes that 0.5 GB per 512-token window), so passes are sized to a budget
+        vocabulary = self.model.get_output_embeddings().weight.shape[0]
+        per_pass = max(1, LOGITS_BUDGET_BYTES // (max(map(len, sequences)) * vocabulary * 4))
+        return [row for start in range(0, len(sequences), per_pass) for row in self._logprobs(sequences[start : start + per_pass])]
+
+    @torch.inference_mode()
+    def _logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         longest = max(map(len, sequences))
         ids = torch.zeros(len(sequences), longest, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, seq in enumerate(sequences):  # right-padded: padding never precedes a scored token
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        return [picked[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        picked = []
+        for row, seq in enumerate(sequences):  # one row at a time: no second copy of all the logits
+            scores = logits[row, : len(seq) - 1].float()
+            targets = ids[row, 1 : len(seq), None]
+            picked.append(scores.gather(-1, targets)[:, 0] - scores.logsumexp(-1))
+        return picked
 
     @torch.inference_mode()
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
