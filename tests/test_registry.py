@@ -72,7 +72,8 @@ def community(tmp_path_factory, model_root) -> Community:
 @pytest.fixture
 def env(community, model_root, tmp_path, monkeypatch) -> tuple[Settings, Store]:
     monkeypatch.setenv("MERGER_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MERGER_MODEL_ROOTS", f"{model_root}{os.pathsep}{community.root}")
+    # the community root first: other tests add their own models (a "llama-lora" too) to the shared model_root
+    monkeypatch.setenv("MERGER_MODEL_ROOTS", f"{community.root}{os.pathsep}{model_root}")
     monkeypatch.setenv("MERGER_HF_CACHE_DIR", str(community.hf_cache))
     monkeypatch.delenv("MERGER_DATABASE_URL", raising=False)
     settings = Settings()
