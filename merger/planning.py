@@ -5,6 +5,7 @@ Checks read only configs and safetensors headers. All problems of all stages are
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from merger.errors import Problem, RecipeError
@@ -72,6 +73,11 @@ def inspect_source(source: Source, context: PlanContext, where: str, problems: l
         problems.append(Problem(where, "a GGUF model (a quantized export); this stage needs safetensors weights, use its source"))
         return None
     return info
+
+
+def is_adapter_dir(source: Source) -> bool:
+    """A directory input that holds a PEFT adapter (``inspect_source`` would read it as a model and miss config.json)."""
+    return source.kind != "stage" and (Path(source.path) / "adapter_config.json").is_file()
 
 
 def plan_draft(draft: Draft, resolver: Resolver) -> list[StagePlan]:

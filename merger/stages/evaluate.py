@@ -13,7 +13,7 @@ from merger.evaluation import harness
 from merger.evaluation.datasets import DataError, DataFile, task_file, text_file
 from merger.evaluation.suite import Options, Report
 from merger.evaluation.suite import evaluate as evaluate_models
-from merger.planning import InputRef, PlanContext, StagePlan, inspect_source
+from merger.planning import InputRef, PlanContext, StagePlan, inspect_source, is_adapter_dir
 from merger.progress import CancelCheck, Reporter
 from merger.recipe import EvaluateSpec, EvaluateStage
 from merger.references import Resolver, UnresolvedReference
@@ -50,7 +50,7 @@ def plan(stage: EvaluateStage, loc: tuple, context: PlanContext) -> tuple[StageP
 def _model_problem(source, text: str, context: PlanContext, where: str) -> Problem | None:
     """A model to evaluate: safetensors or GGUF, never an adapter."""
     problems: list[Problem] = []
-    adapter = source.kind != "stage" and (source.path / "adapter_config.json").is_file()
+    adapter = is_adapter_dir(source)
     info = None if adapter else inspect_source(source, context, where, problems, gguf_ok=True)
     if adapter or (info is not None and info.is_adapter):
         return Problem(where, f"{text!r} is a LoRA adapter, not a standalone model; evaluate a model it is folded into")

@@ -14,7 +14,7 @@ import torch
 from merger import gguf_tools
 from merger.errors import Cancelled, MergerError, Problem, format_loc
 from merger.modelfiles import ModelInfo, inspect_dir
-from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source
+from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source, is_adapter_dir
 from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import QuantizeStage
 from merger.references import UnresolvedReference
@@ -38,7 +38,7 @@ def plan(stage: QuantizeStage, loc: tuple, context: PlanContext) -> tuple[StageP
         source = context.resolver.resolve(spec.model, stages=context.stage_names)
     except UnresolvedReference as exc:
         return None, [Problem(where, str(exc))]
-    adapter = source.kind != "stage" and (Path(source.path) / "adapter_config.json").is_file()
+    adapter = is_adapter_dir(source)
     problems: list[Problem] = []
     info = None if adapter else inspect_source(source, context, where, problems)
     if adapter or (info is not None and info.is_adapter):
