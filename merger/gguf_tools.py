@@ -88,7 +88,11 @@ def install_converter(tools_dir: Path, say: Callable[[str], None] = print) -> Pa
             members = [m for m in tar.getmembers() if _converter_part(m.name)]
             tar.extractall(unpacked, members=members, filter="data")
         source = next(unpacked.glob("*/vendor/llama.cpp"))
-        os.rename(source, dest)  # whole or not at all
+        try:
+            os.rename(source, dest)  # whole or not at all
+        except OSError:
+            if not (dest / "convert_hf_to_gguf.py").is_file():  # else another process installed it meanwhile
+                raise
     say(f"llama.cpp converter installed in {dest}")
     return dest
 
@@ -131,11 +135,3 @@ def quantize(source: Path, dest: Path, gguf_type: str, threads: int) -> None:
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), params)
     if status != 0:
         raise MergerError(f"llama.cpp could not quantize {source.name} to {gguf_type} (status {status})")
-
-
-def gguf_architecture(path: Path) -> str | None:
-    """``general.architecture`` of a GGUF file (llama.cpp's name, e.g. gemma3, llama)."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(path).get_field("general.architecture")
-    return field.contents() if field is not None else None
