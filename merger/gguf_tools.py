@@ -6,17 +6,17 @@ sdist of the installed llama-cpp-python version (from the package index, once pe
 and quantizer always come from the same llama.cpp. The quantizer is ``llama_cpp.llama_model_quantize``.
 """
 
-import logging
 import os
 import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from merger.errors import MergerError
 
@@ -128,10 +128,25 @@ def quantize(source: Path, dest: Path, gguf_type: str, threads: int) -> None:
     """llama.cpp's quantizer (the one llama-quantize runs) from a bf16/f16 GGUF to ``gguf_type``."""
     import llama_cpp
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp logs every tensor otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[gguf_type]
     params.nthread = threads
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), params)
+    with _native_stderr() as log:  # llama.cpp writes a line per tensor: kept for an error, not printed
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), params)
     if status != 0:
-        raise MergerError(f"llama.cpp could not quantize {source.name} to {gguf_type} (status {status})")
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
+        raise MergerError(f"llama.cpp could not quantize {source.name} to {gguf_type} (status {status}):\n{tail}")
+
+
+@contextmanager
+def _native_stderr() -> Iterator[Path]:
+    """Send what native code writes to file descriptor 2 into a temporary file for the duration."""
+    with tempfile.NamedTemporaryFile(prefix="llama-cpp-", suffix=".log") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield Path(log.name)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
