@@ -6,6 +6,8 @@ A model directory runs in transformers; a .gguf file runs in llama.cpp (llama-cp
 import sys
 from pathlib import Path
 
+import merger  # noqa: F401  (offline Hub, and quiet about torchao's CUDA kernels on a CPU machine)
+
 MAX_NEW_TOKENS = 24
 
 
