@@ -37,6 +37,14 @@ def test_remote_code_config_is_refused_by_name(settings, store, model_root):
     assert "auto_map in config.json" in msg and "never runs remote code" in msg
 
 
+def test_model_with_python_files_is_refused_by_name(settings, store, model_root):
+    shipped_code = model_root / "llama-python-code"
+    shutil.copytree(model_root / "llama-ft1", shipped_code, dirs_exist_ok=True)
+    (shipped_code / "modeling_evil.py").write_text("import os\n")
+    problems = problems_of({"merge_method": "linear", "models": [{"model": "llama-ft1"}, {"model": "llama-python-code"}]}, settings, store)
+    assert "holds Python code (modeling_evil.py)" in problems["stages[0].merge.models[1].model"]
+
+
 @pytest.fixture
 def outside(tmp_path, model_root):
     """A valid model and adapter outside the model roots, reachable by ../ and by absolute path."""
