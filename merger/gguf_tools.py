@@ -131,7 +131,7 @@ def quantize(source: Path, dest: Path, gguf_type: str, threads: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[gguf_type]
     params.nthread = threads
-    with _native_stderr() as log:  # llama.cpp writes a line per tensor: kept for an error, not printed
+    with native_stderr() as log:  # llama.cpp writes a line per tensor: kept for an error, not printed
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), params)
     if status != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
@@ -139,7 +139,7 @@ def quantize(source: Path, dest: Path, gguf_type: str, threads: int) -> None:
 
 
 @contextmanager
-def _native_stderr() -> Iterator[Path]:
+def native_stderr() -> Iterator[Path]:
     """Send what native code writes to file descriptor 2 into a temporary file for the duration."""
     with tempfile.NamedTemporaryFile(prefix="llama-cpp-", suffix=".log") as log:
         sys.stderr.flush()

@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from merger.errors import MergerError
+from merger.gguf_tools import native_stderr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits one transformers forward pass may hold
@@ -251,8 +252,9 @@ class LlamaCpp:
 
         path = gguf_file(model_dir)
         try:
-            llm = Llama(model_path=str(path), n_ctx=min(_trained_context(path), LLAMA_CPP_MAX_CONTEXT), logits_all=True,
-                        n_threads=torch.get_num_threads(), verbose=False)
+            with native_stderr():  # llama.cpp notes its cache layout on every load, verbose=False or not
+                llm = Llama(model_path=str(path), n_ctx=min(_trained_context(path), LLAMA_CPP_MAX_CONTEXT), logits_all=True,
+                            n_threads=torch.get_num_threads(), verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise CannotEvaluate(f"{path}: llama.cpp {version('llama_cpp_python')} can't load it ({exc})") from None
         return LlamaCppModel(llm)
