@@ -11,7 +11,7 @@ from typing import Any
 from merger.errors import Problem, RecipeError
 from merger.modelfiles import ModelDirError, ModelInfo, inspect_dir
 from merger.recipe import Draft
-from merger.references import Resolver, Source
+from merger.references import Resolver, Source, UnresolvedReference
 
 
 @dataclass
@@ -53,6 +53,15 @@ class PlanContext:
     @property
     def stage_names(self) -> frozenset[str]:
         return frozenset(self.outputs)
+
+
+def resolve_input(text: str, where: str, context: PlanContext, problems: list[Problem], revision: str | None = None) -> Source | None:
+    """Resolve a reference a stage names; one that does not resolve is a problem at ``where`` (and None)."""
+    try:
+        return context.resolver.resolve(text, revision, stages=context.stage_names)
+    except UnresolvedReference as exc:
+        problems.append(Problem(where, str(exc)))
+        return None
 
 
 def inspect_source(source: Source, context: PlanContext, where: str, problems: list[Problem], *, adapter: bool = False,

@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 from merger import lora
 from merger.errors import Cancelled, Problem, format_loc
 from merger.modelfiles import ModelInfo, safetensors_header
-from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source
+from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source, resolve_input
 from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import EQUAL_RANK_COMBINATIONS, AdaptersStage, Combination
-from merger.references import UnresolvedReference
 
 RELATION = "adapter"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -41,10 +40,9 @@ def plan(stage: AdaptersStage, loc: tuple, context: PlanContext) -> tuple[StageP
     spec = stage.adapters
     problems: list[Problem] = []
     base_loc = format_loc(loc + ("base",))
-    try:
-        base = context.resolver.resolve(spec.base, stages=context.stage_names)
-    except UnresolvedReference as exc:
-        return None, [Problem(base_loc, str(exc))]
+    base = resolve_input(spec.base, base_loc, context, problems)
+    if base is None:
+        return None, problems
     base_info = inspect_source(base, context, base_loc, problems)
     if base_info is not None and base_info.is_adapter:
         problems.append(Problem(base_loc, f"{spec.base!r} is an adapter, not a model"))
@@ -53,10 +51,8 @@ def plan(stage: AdaptersStage, loc: tuple, context: PlanContext) -> tuple[StageP
     configs = []
     for j, item in enumerate(spec.adapters):
         where = format_loc(loc + ("adapters", j, "path"))
-        try:
-            source = context.resolver.resolve(item.path, stages=context.stage_names)
-        except UnresolvedReference as exc:
-            problems.append(Problem(where, str(exc)))
+        source = resolve_input(item.path, where, context, problems)
+        if source is None:
             continue
         info = inspect_source(source, context, where, problems, adapter=True)
         if info is None:

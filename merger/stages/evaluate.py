@@ -13,7 +13,7 @@ from merger.evaluation import harness
 from merger.evaluation.datasets import DataError, DataFile, task_file, text_file
 from merger.evaluation.suite import Options, Report
 from merger.evaluation.suite import evaluate as evaluate_models
-from merger.planning import InputRef, PlanContext, StagePlan, inspect_source, is_adapter_dir
+from merger.planning import InputRef, PlanContext, StagePlan, inspect_source, is_adapter_dir, resolve_input
 from merger.progress import CancelCheck, Reporter
 from merger.recipe import EvaluateSpec, EvaluateStage
 from merger.references import Resolver, UnresolvedReference
@@ -28,10 +28,8 @@ def plan(stage: EvaluateStage, loc: tuple, context: PlanContext) -> tuple[StageP
     inputs = []
     for j, text in enumerate(spec.models):
         where = format_loc(loc + ("models", j))
-        try:
-            source = context.resolver.resolve(text, stages=context.stage_names)
-        except UnresolvedReference as exc:
-            problems.append(Problem(where, str(exc)))
+        source = resolve_input(text, where, context, problems)
+        if source is None:
             continue
         problem = _model_problem(source, text, context, where)
         if problem:

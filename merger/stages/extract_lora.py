@@ -8,10 +8,9 @@ from mergekit.scripts import extract_lora as mergekit_extract
 
 from merger.errors import Problem, format_loc
 from merger.modelfiles import ModelInfo
-from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source
+from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source, resolve_input
 from merger.progress import CancelCheck, Reporter
 from merger.recipe import ExtractLoraStage
-from merger.references import UnresolvedReference
 from merger.stages.mergekit_hooks import observed
 
 RELATION = "adapter"
@@ -30,10 +29,8 @@ def plan(stage: ExtractLoraStage, loc: tuple, context: PlanContext) -> tuple[Sta
     for field, role in (("base", "base"), ("model", "donor")):
         where = format_loc(loc + (field,))
         text = getattr(spec, field)
-        try:
-            source = context.resolver.resolve(text, stages=context.stage_names)
-        except UnresolvedReference as exc:
-            problems.append(Problem(where, str(exc)))
+        source = resolve_input(text, where, context, problems)
+        if source is None:
             continue
         info = inspect_source(source, context, where, problems)
         if info is not None and info.is_adapter:

@@ -19,7 +19,7 @@ from mergekit.options import MergeOptions
 from merger.errors import Problem, format_loc
 from merger.mergekit_refs import map_references, walk_references
 from merger.modelfiles import ModelInfo
-from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source
+from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source, resolve_input
 from merger.progress import CancelCheck, Reporter
 from merger.recipe import RANDOMIZED_METHODS, MergeStage
 from merger.references import UnresolvedReference
@@ -54,21 +54,16 @@ def plan(stage: MergeStage, loc: tuple, context: PlanContext) -> tuple[StagePlan
             if role == "base":
                 inputs[slots[ref].model_input].role = "base"
             continue
-        try:
-            source = context.resolver.resolve(ref.model.path, ref.model.revision, stages=context.stage_names)
-        except UnresolvedReference as exc:
-            problems.append(Problem(where, str(exc)))
+        source = resolve_input(ref.model.path, where, context, problems, ref.model.revision)
+        if source is None:
             continue
         weight = weights.get(ref)
         inputs.append(InputRef(where, str(ref.model), source, role, RELATION, weight if isinstance(weight, (int, float)) else None))
         slot = _RefSlots(ref, len(inputs) - 1, None)
         infos[slot.model_input] = inspect_source(source, context, where, problems)
         if ref.lora is not None:
-            try:
-                adapter = context.resolver.resolve(ref.lora.path, ref.lora.revision, stages=context.stage_names)
-            except UnresolvedReference as exc:
-                problems.append(Problem(where, str(exc)))
-            else:
+            adapter = resolve_input(ref.lora.path, where, context, problems, ref.lora.revision)
+            if adapter is not None:
                 info = inspect_source(adapter, context, where, problems, adapter=True)
                 if adapter.kind == "stage" and not (info and info.is_adapter):
                     problems.append(Problem(where, f"stage {ref.lora.path!r} does not produce a LoRA adapter (use an adapters stage in combine mode)"))

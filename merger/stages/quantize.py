@@ -14,10 +14,9 @@ import torch
 from merger import gguf_tools
 from merger.errors import Cancelled, MergerError, Problem, format_loc
 from merger.modelfiles import ModelInfo, inspect_dir
-from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source, is_adapter_dir
+from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source, is_adapter_dir, resolve_input
 from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import QuantizeStage
-from merger.references import UnresolvedReference
 
 RELATION = "quantized"
 SOFTWARE = ("llama-cpp-python", "torchao")  # versions recorded with the output and in its cache key
@@ -34,12 +33,11 @@ def summary(stage: QuantizeStage) -> str:
 def plan(stage: QuantizeStage, loc: tuple, context: PlanContext) -> tuple[StagePlan | None, list[Problem]]:
     spec = stage.quantize
     where = format_loc(loc + ("model",))
-    try:
-        source = context.resolver.resolve(spec.model, stages=context.stage_names)
-    except UnresolvedReference as exc:
-        return None, [Problem(where, str(exc))]
-    adapter = is_adapter_dir(source)
     problems: list[Problem] = []
+    source = resolve_input(spec.model, where, context, problems)
+    if source is None:
+        return None, problems
+    adapter = is_adapter_dir(source)
     info = None if adapter else inspect_source(source, context, where, problems)
     if adapter or (info is not None and info.is_adapter):
         problems.append(Problem(where, f"{spec.model!r} is an adapter; fold it into its base first (an adapters stage)"))
