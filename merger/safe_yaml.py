@@ -1,4 +1,4 @@
-"""YAML for untrusted recipes and model cards: safe types only, no anchors or aliases, bounded size."""
+"""YAML for untrusted recipes and model cards: safe types only, no anchors or aliases, bounded size and depth."""
 
 from pathlib import Path
 from typing import Any
@@ -7,9 +7,19 @@ import yaml
 
 from merger.errors import MergerError, Problem, RecipeError
 
+# mappings and lists nested deeper than this are refused (a real recipe nests about 8 levels); the limit keeps
+# every later recursive walk (pydantic, json.dumps, the API's renderers) far from Python's recursion limit
+MAX_DEPTH = 32
+DEPTH_MESSAGE = f"nests mappings and lists deeper than {MAX_DEPTH} levels (the limit)"
+
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses anchors and aliases (they allow exponential 'billion laughs' documents)."""
+    """A SafeLoader that refuses anchors and aliases (they allow exponential 'billion laughs' documents) and
+    collections nested deeper than MAX_DEPTH (PyYAML composes them recursively)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
 
     def compose_node(self, parent, index):  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):
@@ -22,11 +32,30 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.constructor.ConstructorError(
                 None, None, "YAML anchors are not allowed", event.start_mark
             )
-        return super().compose_node(parent, index)
+        nests = isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent))
+        if nests and self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, DEPTH_MESSAGE, event.start_mark)
+        self._depth += nests
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= nests
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply mappings and lists nest in ``value`` (a scalar: 0), without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def load_recipe_text(text: str, *, source: str, max_bytes: int) -> Any:
-    size = len(text.encode())
+    size = len(text.encode(errors="surrogatepass"))
     if size > max_bytes:
         raise RecipeError([Problem(source, f"recipe is {size} bytes, over the {max_bytes}-byte limit (MERGER_MAX_RECIPE_BYTES)")])
     try:
@@ -50,4 +79,8 @@ def load_recipe_file(path: Path, *, max_bytes: int) -> Any:
         raise MergerError(f"{path}: cannot read recipe: {exc.strerror}") from None
     if size > max_bytes:
         raise RecipeError([Problem(str(path), f"recipe is {size} bytes, over the {max_bytes}-byte limit (MERGER_MAX_RECIPE_BYTES)")])
-    return load_recipe_text(path.read_text(encoding="utf-8"), source=str(path), max_bytes=max_bytes)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([Problem(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})")]) from None
+    return load_recipe_text(text, source=str(path), max_bytes=max_bytes)

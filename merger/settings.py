@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, description="A running job's lease; renewed every third of it")
     reaper_interval: float = Field(default=10.0, description="How often the API re-enqueues jobs whose lease lapsed")
     visibility_timeout: int = Field(default=6 * 3600, description="Redis redelivery timeout; longer than the longest job")
+    max_body_bytes: int = Field(default=1024 * 1024, description="Largest request body the API reads (413 beyond)")
 
     # the CLI as a client of a server (merger submit / status / pull)
     server: str = Field(default="http://127.0.0.1:8000", description="The merger API the client commands talk to")

@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 
@@ -22,7 +23,11 @@ from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.hub import router as hub_router
 from merger.service.jobs import FINAL, Jobs
+from merger.service.limits import RequestLimits
 from merger.service.schemas import (
+    BINARY,
+    TEXT,
+    DetailOut,
     EvaluationOut,
     JobIn,
     JobOut,
@@ -30,14 +35,20 @@ from merger.service.schemas import (
     ModelOut,
     RecipeIn,
     RegisterIn,
+    RequestErrorOut,
     ValidationOut,
     VisibilityIn,
+    errors,
+    file_responses,
 )
 from merger.settings import Settings
 from merger.store import HEX, Store
 
 LOG = logging.getLogger(__name__)
 EVENT_POLL = 0.25
+# a recipe's problems (ValidationOut), besides the request's own (RequestErrorOut, DetailOut)
+RECIPE_ERRORS = {**errors(401), 422: {"model": ValidationOut | RequestErrorOut | DetailOut, "description": "The recipe's problems, each with "
+                                      "its field path; or the request's own (see the other routes)"}}
 LINEAGE_MEDIA_TYPES = {"mermaid": "text/plain; charset=utf-8", "dot": "text/vnd.graphviz; charset=utf-8"}
 
 
@@ -53,7 +64,9 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         reaper.cancel()
 
-    app = FastAPI(title="merger", version=__version__, lifespan=lifespan)
+    # every route may answer these: the limits refuse before routing, FastAPI checks parameters and bodies
+    app = FastAPI(title="merger", version=__version__, lifespan=lifespan, responses=errors(400, 413, 414, 422))
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)
     app.state.service = svc
     _routes(app)
     app.include_router(hub_router)  # after /v1: its /{owner}/{name}/resolve/... paths are the broadest
@@ -78,6 +91,12 @@ def _recipe_data(body: RecipeIn, settings: Settings) -> Any:
     return body.recipe
 
 
+def _field_error(error: dict[str, Any]) -> dict[str, Any]:
+    reason = (error.get("ctx") or {}).get("error")
+    msg = f"{error['msg']}: {reason}" if isinstance(reason, str) else error["msg"]
+    return {"loc": list(error["loc"]), "msg": msg, "type": error["type"]}
+
+
 def _problems_response(exc: RecipeError) -> JSONResponse:
     body = ValidationOut(ok=False, problems=[{"loc": p.loc, "msg": p.msg} for p in exc.problems])
     return JSONResponse(body.model_dump(), status_code=422)
@@ -100,6 +119,11 @@ def _own_job(svc: Service, job_id: str, user: str):
 
 
 def _routes(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def request_error(_request: Request, exc: RequestValidationError):
+        """FastAPI's 422 without the echo of the input (which may be bytes that are not UTF-8)."""
+        return JSONResponse({"detail": [_field_error(e) for e in exc.errors()]}, status_code=422)
+
     @app.exception_handler(RecipeError)
     async def recipe_error(_request: Request, exc: RecipeError):
         return _problems_response(exc)
@@ -108,31 +132,33 @@ def _routes(app: FastAPI) -> None:
     async def merger_error(_request: Request, exc: MergerError):
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    @app.post("/v1/recipes/validate", response_model=ValidationOut, responses={422: {"model": ValidationOut}})
+    @app.post("/v1/recipes/validate", response_model=ValidationOut, responses=RECIPE_ERRORS)
     def validate(body: RecipeIn, svc: ServiceDep, _user: UserDep):
         recipe = check_recipe(_recipe_data(body, svc.settings), svc.settings, svc.store, default_name=body.name)
         return ValidationOut(ok=True, stages=recipe.stage_names())
 
-    @app.post("/v1/jobs", response_model=JobOut, status_code=202, responses={200: {"model": JobOut, "description": "cache hit"}})
+    @app.post("/v1/jobs", response_model=JobOut, status_code=202,
+              responses={200: {"model": JobOut, "description": "cache hit"}, **RECIPE_ERRORS})
     def submit(body: JobIn, svc: ServiceDep, user: UserDep):
         job = svc.jobs.submit(user, _recipe_data(body, svc.settings), name=body.name, force=body.force, gpu=body.gpu)
         out = JobOut.of(job)
         return out if job.state != "succeeded" else JSONResponse(out.model_dump(mode="json"), status_code=200)
 
-    @app.get("/v1/jobs", response_model=list[JobOut])
+    @app.get("/v1/jobs", response_model=list[JobOut], responses=errors(401))
     def list_jobs(svc: ServiceDep, user: UserDep):
         return [JobOut.of(j) for j in svc.jobs.owned_by(user)]
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut)
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))
     def get_job(job_id: str, svc: ServiceDep, user: UserDep):
         return JobOut.of(_own_job(svc, job_id, user))
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut)
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(401, 404))
     def cancel_job(job_id: str, svc: ServiceDep, user: UserDep):
         _own_job(svc, job_id, user)
         return JobOut.of(svc.jobs.cancel(job_id))
 
-    @app.get("/v1/jobs/{job_id}/events")
+    @app.get("/v1/jobs/{job_id}/events", response_class=Response,
+             responses={200: {"description": "The job's events", "content": {"text/event-stream": TEXT}}, **errors(401, 404)})
     async def job_events(job_id: str, svc: ServiceDep, user: UserDep):
         """Server-sent events: one `job` event per change of state, stage or progress, until the job ends."""
         _own_job(svc, job_id, user)
@@ -151,17 +177,17 @@ def _routes(app: FastAPI) -> None:
 
         return EventSourceResponse(stream())
 
-    @app.get("/v1/models", response_model=list[ModelOut])
+    @app.get("/v1/models", response_model=list[ModelOut], responses=errors(401))
     def list_models(svc: ServiceDep, user: UserDep):
         with svc.store.session() as s:
             ids = list(s.scalars(select(ModelRow.id).where(visible_to(user)).order_by(ModelRow.created_at)))
         return [ModelOut.of(svc.store.get(i)) for i in ids]
 
-    @app.get("/v1/models/{model_id}", response_model=ModelOut)
+    @app.get("/v1/models/{model_id}", response_model=ModelOut, responses=errors(401, 404))
     def get_model(model_id: str, svc: ServiceDep, user: UserDep):
         return ModelOut.of(_visible_model(svc, model_id, user))
 
-    @app.post("/v1/models/{model_id}/visibility", response_model=ModelOut)
+    @app.post("/v1/models/{model_id}/visibility", response_model=ModelOut, responses=errors(401, 403, 404))
     def set_visibility(model_id: str, body: VisibilityIn, svc: ServiceDep, user: UserDep):
         """Only a user whose job produced the model may publish or unpublish it."""
         model = _visible_model(svc, model_id, user)
@@ -172,7 +198,7 @@ def _routes(app: FastAPI) -> None:
         return ModelOut.of(svc.store.get(model.id))
 
     @app.post("/v1/models", response_model=ModelOut, status_code=201,
-              responses={200: {"model": ModelOut, "description": "the same bytes were in the store already"}})
+              responses={200: {"model": ModelOut, "description": "the same bytes were in the store already"}, **errors(401)})
     def register_model(body: RegisterIn, svc: ServiceDep, user: UserDep):
         """Copy a model or adapter from the server's model roots or Hugging Face cache into the store, with its
         parents; runs in the request. The caller owns it, and sees the placeholders it created."""
@@ -184,7 +210,8 @@ def _routes(app: FastAPI) -> None:
         return out if done.created else JSONResponse(out.model_dump(mode="json"), status_code=200)
 
     @app.get("/v1/models/{model_id}/lineage", response_model=LineageOut,
-             responses={200: {"content": {"text/plain": {}, "text/vnd.graphviz": {}}, "description": "json, mermaid or dot"}})
+             responses={200: {"content": {"text/plain": TEXT, "text/vnd.graphviz": TEXT}, "description": "json, mermaid or dot"},
+                        **errors(401, 404)})
     def get_lineage(model_id: str, svc: ServiceDep, user: UserDep,
                     direction: Literal["ancestors", "descendants"] | None = None,
                     to: Annotated[str | None, Query(description="Another model: the lineage path between the two")] = None,
@@ -206,13 +233,14 @@ def _routes(app: FastAPI) -> None:
             return LineageOut.model_validate(graph.to_json(found))
         return PlainTextResponse(graph.render(found, fmt), media_type=LINEAGE_MEDIA_TYPES[fmt])
 
-    @app.get("/v1/models/{model_id}/evals", response_model=list[EvaluationOut])
+    @app.get("/v1/models/{model_id}/evals", response_model=list[EvaluationOut], responses=errors(401, 404))
     def get_evaluations(model_id: str, svc: ServiceDep, user: UserDep):
         """Every stored evaluation of the model, oldest first."""
         model = _visible_model(svc, model_id, user)
         return [EvaluationOut.of(row) for row in svc.store.evaluations(model.id)]
 
-    @app.api_route("/v1/models/{model_id}/files/{path:path}", methods=["GET", "HEAD"])
+    @app.get("/v1/models/{model_id}/files/{path:path}", response_class=Response, responses={**file_responses(), **errors(401, 404)})
+    @app.head("/v1/models/{model_id}/files/{path:path}", response_class=Response, responses={**file_responses(), **errors(401, 404)})
     def get_file(model_id: str, path: str, svc: ServiceDep, user: UserDep):
         model = _visible_model(svc, model_id, user)
         entry = next((f for f in model.files if f.path == path), None)
@@ -220,7 +248,9 @@ def _routes(app: FastAPI) -> None:
             raise HTTPException(404, f"model {model_id} has no file {path}")
         return file_response(svc.store.path_of(model), entry)
 
-    @app.get("/v1/models/{model_id}/archive")
+    @app.get("/v1/models/{model_id}/archive", response_class=Response,
+             responses={200: {"description": "A tar of the model's files under NAME/", "content": {"application/x-tar": BINARY}},
+                        **errors(401, 404)})
     def get_archive(model_id: str, svc: ServiceDep, user: UserDep):
         model = _visible_model(svc, model_id, user)
         return archive_response(svc.store.path_of(model), model)

@@ -17,17 +17,24 @@ import re
 from datetime import datetime
 
 from fastapi import APIRouter, HTTPException
+from fastapi.responses import Response
 from sqlalchemy import select
 
 from merger.db import FileRow, ModelRow, as_utc
 from merger.service.auth import owned_by, visible_to
 from merger.service.deps import OptionalUserDep, Service, ServiceDep
 from merger.service.downloads import file_response
-from merger.service.schemas import HubLfs, HubModelInfo, HubSibling, HubTreeEntry
+from merger.service.schemas import DetailOut, HubLfs, HubModelInfo, HubSibling, HubTreeEntry, file_responses
 
 REVISION_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
-router = APIRouter(tags=["Hugging Face Hub"])
+# the Hub's errors: JSON {"detail": ...} with X-Error-Code and X-Error-Message headers
+HUB_ERRORS = {
+    401: {"model": DetailOut, "description": "RepoNotFound without a token (a token may help), or a token merger does not know"},
+    404: {"model": DetailOut, "description": "RepoNotFound, RevisionNotFound or EntryNotFound (X-Error-Code); "
+          "EntryNotFound carries X-Repo-Commit"},
+}
+router = APIRouter(tags=["Hugging Face Hub"], responses=HUB_ERRORS)
 
 
 def _commit_of(model: ModelRow) -> str:
@@ -35,7 +42,14 @@ def _commit_of(model: ModelRow) -> str:
 
 
 def _hub_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
-    return HTTPException(status, message, headers={"X-Error-Code": code, "X-Error-Message": message, **(headers or {})})
+    return HTTPException(status, message, headers={"X-Error-Code": code, "X-Error-Message": header_safe(message), **(headers or {})})
+
+
+def header_safe(text: str, limit: int = 1024) -> str:
+    """``text`` as a header value may hold it: printable ASCII, with anything else (a name in any script, a newline
+    from a %0a in the URL) as a Python escape; cut at ``limit`` characters (clients cap a response's headers)."""
+    escaped = text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
 def _model_at(svc: Service, user: str | None, owner: str, name: str, revision: str) -> ModelRow:
@@ -118,7 +132,8 @@ def list_tree(owner: str, name: str, revision: str, svc: ServiceDep, user: Optio
     return _tree(model.files, folder, recursive)
 
 
-@router.api_route("/{owner}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
+@router.get("/{owner}/{name}/resolve/{revision}/{path:path}", response_class=Response, responses=file_responses())
+@router.head("/{owner}/{name}/resolve/{revision}/{path:path}", response_class=Response, responses=file_responses())
 def resolve(owner: str, name: str, revision: str, path: str, svc: ServiceDep, user: OptionalUserDep):
     """One file; HEAD gives the commit, ETag and size the client caches by; a Range GET answers 206."""
     model = _model_at(svc, user, owner, name, revision)

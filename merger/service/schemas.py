@@ -1,11 +1,14 @@
 """The API's request and response bodies."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
-from merger.db import EvaluationRow, JobRow, ModelRow
+from merger.db import EvaluationRow, JobRow, ModelRow, as_utc
+
+# a moment with its time zone (UTC), as the OpenAPI date-time format requires; SQLite hands back naive datetimes
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class RecipeIn(BaseModel):
@@ -21,6 +24,53 @@ class JobIn(RecipeIn):
 class Problem(BaseModel):
     loc: str
     msg: str
+
+
+class DetailOut(BaseModel):
+    """An error: what was wrong, or what was not found."""
+
+    detail: str
+
+
+class FieldErrorOut(BaseModel):
+    loc: list[str | int] = Field(description="Where in the request: path, query, header or body, then the field path")
+    msg: str
+    type: str
+
+
+class RequestErrorOut(BaseModel):
+    """A request that does not fit the route's parameters or body schema."""
+
+    detail: list[FieldErrorOut]
+
+
+# --- what each error status means, for the OpenAPI document --------------------------------------------------
+
+TEXT = {"schema": {"type": "string"}}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+ERRORS = {
+    400: "A malformed request (a NUL in the URL, a body that is not UTF-8 or not parseable), or an error merger reports",
+    401: "No valid API token",
+    403: "Only an owner of the model may do this",
+    404: "No such job or model among those you may see",
+    413: "The request body is over MERGER_MAX_BODY_BYTES",
+    414: "The request target (path and query) is over 16 KiB",
+    422: "The request does not fit the schema, or its JSON body nests too deep or holds NaN, Infinity or a lone surrogate",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses: a JSON ``{"detail": ...}`` each (422: a list of field errors, or one)."""
+    return {status: {"model": RequestErrorOut | DetailOut if status == 422 else DetailOut, "description": ERRORS[status]}
+            for status in statuses}
+
+
+def file_responses() -> dict[int | str, dict[str, Any]]:
+    """A single file served with Range support (Starlette answers malformed and unsatisfiable ranges in plain text)."""
+    return {200: {"description": "The file", "content": {"application/octet-stream": BINARY}},
+            206: {"description": "The requested range of the file", "content": {"application/octet-stream": BINARY}},
+            400: {**errors(400)[400], "content": {"text/plain": TEXT}},
+            416: {"description": "The Range is outside the file", "content": {"text/plain": TEXT}}}
 
 
 class ValidationOut(BaseModel):
@@ -40,9 +90,9 @@ class JobOut(BaseModel):
     state: str
     recipe_name: str
     queue: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
     stage: str | None
     done: int
     total: int
@@ -79,7 +129,7 @@ class ModelOut(BaseModel):
     architecture: str | None
     size_bytes: int
     public: bool
-    created_at: datetime
+    created_at: UtcDatetime
     files: list[FileOut]
     parents: list[ParentOut]
     recipe_digest: str | None = Field(description="sha256 of the stage recipe that produced it (none for registered models)")
@@ -153,7 +203,7 @@ class EvaluationOut(BaseModel):
     tokens_per_second: float | None
     seconds: float
     versions: dict[str, str]
-    created_at: datetime
+    created_at: UtcDatetime
 
     @classmethod
     def of(cls, row: EvaluationRow) -> "EvaluationOut":
