@@ -49,6 +49,11 @@ EVENT_POLL = 0.25
 # a recipe's problems (ValidationOut), besides the request's own (RequestErrorOut, DetailOut)
 RECIPE_ERRORS = {**errors(401), 422: {"model": ValidationOut | RequestErrorOut | DetailOut, "description": "The recipe's problems, each with "
                                       "its field path; or the request's own (see the other routes)"}}
+# server-sent events, each a `job` event whose data is the job as JSON (OpenAPI 3.2's itemSchema, as FastAPI's own SSE)
+JOB_EVENTS = {"description": "A `job` event at once and on every change, until the job ends", "content": {"text/event-stream": {
+    "itemSchema": {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": "job"},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"$ref": "#/components/schemas/JobOut"}}}}}}}
 LINEAGE_MEDIA_TYPES = {"mermaid": "text/plain; charset=utf-8", "dot": "text/vnd.graphviz; charset=utf-8"}
 
 
@@ -158,7 +163,7 @@ def _routes(app: FastAPI) -> None:
         return JobOut.of(svc.jobs.cancel(job_id))
 
     @app.get("/v1/jobs/{job_id}/events", response_class=Response,
-             responses={200: {"description": "The job's events", "content": {"text/event-stream": TEXT}}, **errors(401, 404)})
+             responses={200: JOB_EVENTS, **errors(401, 404)})
     async def job_events(job_id: str, svc: ServiceDep, user: UserDep):
         """Server-sent events: one `job` event per change of state, stage or progress, until the job ends."""
         _own_job(svc, job_id, user)
