@@ -29,10 +29,15 @@ from merger.service.schemas import DetailOut, HubLfs, HubModelInfo, HubSibling, 
 REVISION_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 # the Hub's errors: JSON {"detail": ...} with X-Error-Code and X-Error-Message headers
+ERROR_HEADERS = {
+    "X-Error-Code": {"description": "The Hub's error code", "schema": {"enum": ["RepoNotFound", "RevisionNotFound", "EntryNotFound"]}},
+    "X-Error-Message": {"description": "The detail, as printable ASCII", "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]*$"}},
+}
 HUB_ERRORS = {
-    401: {"model": DetailOut, "description": "RepoNotFound without a token (a token may help), or a token merger does not know"},
-    404: {"model": DetailOut, "description": "RepoNotFound, RevisionNotFound or EntryNotFound (X-Error-Code); "
-          "EntryNotFound carries X-Repo-Commit"},
+    401: {"model": DetailOut, "headers": ERROR_HEADERS,
+          "description": "RepoNotFound without a token (a token may help), or a token merger does not know"},
+    404: {"model": DetailOut, "description": "RepoNotFound, RevisionNotFound or EntryNotFound; EntryNotFound carries X-Repo-Commit",
+          "headers": {**ERROR_HEADERS, "X-Repo-Commit": {"description": "The revision's commit", "schema": {"type": "string"}}}},
 }
 router = APIRouter(tags=["Hugging Face Hub"], responses=HUB_ERRORS)
 

@@ -90,7 +90,7 @@ def _json_refusal(headers: Headers, body: bytes) -> JSONResponse | None:
     try:
         data = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except _Constant as exc:
-        return _refuse(422, f"the JSON body holds {exc}, which is not JSON")
+        return _refuse(422, f"the JSON body holds {exc}")
     except RecursionError:
         return _refuse(422, f"the JSON body {DEPTH_MESSAGE}")
     except ValueError:
@@ -107,13 +107,13 @@ class _Constant(ValueError):
 
 
 def _no_constant(name: str):
-    raise _Constant(name)
+    raise _Constant(f"{name}, which is not JSON")
 
 
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise _Constant(f"{text} (beyond the range of a float)")
+        raise _Constant(f"a number beyond the range of a float ({text[:20]}{'...' if len(text) > 20 else ''})")
     return value
 
 
