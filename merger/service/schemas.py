@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, Field
 
 from merger.db import EvaluationRow, JobRow, ModelRow, as_utc
+from merger.service.limits import MAX_TARGET_BYTES
 
 # a moment with its time zone (UTC), as the OpenAPI date-time format requires; SQLite hands back naive datetimes
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
@@ -54,7 +55,7 @@ ERRORS = {
     403: "Only an owner of the model may do this",
     404: "No such job or model among those you may see",
     413: "The request body is over MERGER_MAX_BODY_BYTES",
-    414: "The request target (path and query) is over 16 KiB",
+    414: f"The request target (path and query) is over {MAX_TARGET_BYTES} bytes",
     422: "The request does not fit the schema, or its JSON body nests too deep or holds NaN, Infinity or a lone surrogate",
 }
 
