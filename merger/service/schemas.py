@@ -66,7 +66,8 @@ class FileOut(BaseModel):
 class ParentOut(BaseModel):
     id: str
     name: str | None
-    kind: str = Field(description="model | adapter | placeholder (a parent known only by its label, not registered yet)")
+    kind: str = Field(description="model | adapter | placeholder (a parent known only by its label, not registered yet) | "
+                                  "hidden (a model you may not see: its id only)")
     relation: str
     role: str
     weight: float | None
