@@ -137,6 +137,9 @@ def test_a_name_resolves_to_the_callers_own_model_and_inputs_are_served_as_recor
     config.unlink()
     config.symlink_to(tenants.outside / "config.json")  # the same bytes, but outside the roots
     assert alice.get(url).status_code == 409
+    with open(tenants.root / "input" / "README.md", "a") as card:  # changed in place
+        card.write("more\n")
+    assert alice.get(f"/v1/models/{parents['input']}/files/README.md").status_code == 409
 
 
 def test_a_cache_hit_lets_read_the_result_but_not_own_it(tenants):
@@ -148,6 +151,9 @@ def test_a_cache_hit_lets_read_the_result_but_not_own_it(tenants):
     assert bob.get(f"/v1/models/{made}").status_code == 200
     assert bob.post(f"/v1/models/{made}/visibility", json={"public": True}).status_code == 403
     assert bob.get("/api/models/bob/shared-merge").status_code == 404  # not his repository: he owns nothing
+    forced = finished(bob, bob.post("/v1/jobs", json={**recipe, "force": True}).json()["id"])
+    assert forced["model_id"] == made  # recomputed by his job, but stored already: still not his
+    assert bob.post(f"/v1/models/{made}/visibility", json={"public": True}).status_code == 403
     assert alice.get("/api/models/alice/shared-merge").json()["sha"] == made[:40]
     assert alice.get(f"/v1/models/{made}").json()["public"] is False
 
