@@ -65,7 +65,7 @@ class _Declared:
 
 def placeholder_id(label: str, viewer: str | None = None) -> str:
     """The placeholder for ``label`` of the models ``viewer`` registers (None: the local command line's)."""
-    key = f"placeholder:{label}" if viewer is None else f"placeholder:{viewer}:{label}"
+    key = f"placeholder:{label}" if viewer is None else f"placeholder:{json.dumps([viewer, label])}"  # unambiguous
     return hashlib.sha256(key.encode()).hexdigest()
 
 
