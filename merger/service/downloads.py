@@ -4,7 +4,8 @@ A stored model's files are served from the store. A recipe's input directory (a 
 under the model roots) is not the store's: it may have changed since it was recorded. Each of its files is
 opened first, then checked (the opened file lies under the model roots, its bytes have the recorded sha256),
 then served from that same open file, so a file or symlink swapped at any moment is never served under the
-recorded ETag: a changed file answers 409 instead.
+recorded ETag: a changed file answers 409 instead. (Only bytes rewritten in place, in the same file, while
+they are being sent could still get through; the store's own copies have no such window.)
 """
 
 import hashlib
