@@ -272,3 +272,27 @@ def test_a_job_resolves_as_its_owner_again_when_it_runs(settings, store):
     failed = jobs.get(job.id)
     assert failed.state == "failed" and failed.error_code == "invalid_recipe"
     assert "'carols-model' is not a stage, a stored model" in failed.error_message
+
+
+def test_a_job_grants_its_inputs_and_nothing_further_up(settings, store):
+    from merger.access import can_see
+    from merger.service.jobs import Jobs
+
+    jobs = Jobs(settings, store, lambda _job_id, _queue: None)
+
+    def run(user: str, recipe: dict, name: str) -> ModelRow:
+        job = jobs.submit(user, recipe, name=name)
+        jobs.execute(job.id)
+        done = jobs.get(job.id)
+        assert done.state == "succeeded", done.error_message
+        return store.get(done.model_id)
+
+    carols = run("carol", linear("llama-ft1", "llama-ft2"), "carol-merge")
+    with store.session.begin() as s:
+        s.get(ModelRow, carols.id).public = True
+    alices = run("alice", linear("carol-merge", "llama-base"), "alice-merge")
+    with store.session() as s:
+        assert can_see(s, carols.id, "alice") and can_see(s, alices.id, "alice")
+        assert [can_see(s, edge.parent_id, "alice") for edge in alices.parents] == [True, True]  # what she named
+        assert not any(can_see(s, edge.parent_id, "alice") for edge in carols.parents)  # what carol's was made from
+        assert all(can_see(s, edge.parent_id, "carol") for edge in carols.parents)
