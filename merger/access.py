@@ -5,6 +5,8 @@ visibility. The library takes a *viewer*: a user name, or None for the local com
 whole store.
 """
 
+from datetime import datetime
+
 from sqlalchemy import Select, and_, case, exists, or_, select
 from sqlalchemy.orm import Session
 
@@ -40,9 +42,12 @@ def owned_by(user: str):
     return exists().where(GrantRow.model_id == ModelRow.id, GrantRow.user == user, GrantRow.owner.is_(True))
 
 
-def as_seen_by(query: Select, viewer: str | None) -> Select:
+def as_seen_by(query: Select, viewer: str | None, as_of: datetime | None = None) -> Select:
     """``query`` (over ModelRow) narrowed to the models ``viewer`` may see, best first: the viewer's own, then those
-    granted to them, then public ones; newest first within each. None (the local command line): all, newest first."""
+    granted to them, then public ones; newest first within each. None (the local command line): all, newest first.
+    ``as_of``: only models stored by then (a job's run names what its submission could)."""
+    if as_of is not None:
+        query = query.where(ModelRow.created_at <= as_of)
     if viewer is None:
         return query.order_by(ModelRow.created_at.desc())
     mine = and_(GrantRow.model_id == ModelRow.id, GrantRow.user == viewer)

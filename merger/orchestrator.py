@@ -9,6 +9,7 @@ model (``evaluate``) stores its results in lineage instead, each cached on its o
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,15 @@ def _installed_version(name: str) -> str:
         return "not installed"
 
 
-def check_recipe(data: Any, settings: Settings, store: Store, *, default_name: str, viewer: str | None = None) -> Recipe:
+def check_recipe(data: Any, settings: Settings, store: Store, *, default_name: str, viewer: str | None = None,
+                 as_of: datetime | None = None) -> Recipe:
     """Parse raw recipe data and check every input of every stage; ``RecipeError`` lists all problems.
 
-    ``viewer``: the user the recipe runs for, whose models it may name (None: the whole store).
+    ``viewer``: the user the recipe runs for, whose models it may name (None: the whole store); ``as_of``: only
+    models stored by then (a job's run names what its submission could).
     """
     draft = draft_recipe(data, default_name=default_name)
-    plan_draft(draft, Resolver(settings, store, viewer=viewer))
+    plan_draft(draft, Resolver(settings, store, viewer=viewer, as_of=as_of))
     return draft.recipe()
 
 
@@ -85,11 +88,12 @@ def run_recipe(
     report: Reporter = no_report,
     should_cancel: CancelCheck = never_cancel,
     viewer: str | None = None,
+    as_of: datetime | None = None,
 ) -> list[StageResult]:
     versions = software_versions()
     outputs: dict[str, ModelRow] = {}
     results = []
-    for plan in _plans(recipe, settings, store, viewer):
+    for plan in _plans(recipe, settings, store, viewer, as_of):
         if should_cancel():
             raise Cancelled(f"cancelled before stage {plan.stage.name}")
         if plan.stage.produces_model:
@@ -212,8 +216,9 @@ def cached_results(recipe: Recipe, settings: Settings, store: Store, viewer: str
     return list(outputs.values())
 
 
-def _plans(recipe: Recipe, settings: Settings, store: Store, viewer: str | None) -> list[StagePlan]:
-    return plan_draft(Draft(stages=list(enumerate(recipe.stages)), names=recipe.stage_names()), Resolver(settings, store, viewer=viewer))
+def _plans(recipe: Recipe, settings: Settings, store: Store, viewer: str | None, as_of: datetime | None = None) -> list[StagePlan]:
+    resolver = Resolver(settings, store, viewer=viewer, as_of=as_of)
+    return plan_draft(Draft(stages=list(enumerate(recipe.stages)), names=recipe.stage_names()), resolver)
 
 
 def _cache_key(plan: StagePlan, inputs: list[ModelRow], versions: dict) -> str:

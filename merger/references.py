@@ -15,6 +15,7 @@ model was built, whatever the names point to now.
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from merger.card import model_label
@@ -50,11 +51,13 @@ class UnresolvedReference(MergerError):
 
 
 class Resolver:
-    def __init__(self, settings: Settings, store: Store, pins: dict[str, Pin] | None = None, viewer: str | None = None):
+    def __init__(self, settings: Settings, store: Store, pins: dict[str, Pin] | None = None, viewer: str | None = None,
+                 as_of: datetime | None = None):
         self.settings = settings
         self.store = store
         self.pins = pins or {}  # reference text ("name" or "name@revision") -> pinned model
         self.viewer = viewer  # the user whose models references may name (None: the whole store)
+        self.as_of = as_of  # only models stored by then (None: now)
 
     def resolve(self, text: str, revision: str | None = None, *, stages: frozenset[str] = frozenset()) -> Source:
         pin = self.pins.get(f"{text}@{revision}" if revision else text)
@@ -65,7 +68,7 @@ class Resolver:
             return Source("stage", stage=text, label=text)
         if revision is None:
             try:
-                model = self.store.find(text, stored_only=True, viewer=self.viewer)
+                model = self.store.find(text, stored_only=True, viewer=self.viewer, as_of=self.as_of)
             except MergerError as exc:  # an ambiguous id prefix
                 raise UnresolvedReference(str(exc)) from None
             if model is not None:

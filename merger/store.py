@@ -11,6 +11,7 @@ import socket
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -180,27 +181,27 @@ class Store:
         with self.session() as s:
             return s.get(ModelRow, model_id)
 
-    def find(self, ref: str, *, stored_only: bool = False, viewer: str | None = None) -> ModelRow | None:
+    def find(self, ref: str, *, stored_only: bool = False, viewer: str | None = None, as_of: datetime | None = None) -> ModelRow | None:
         """A model by full id, unique id prefix (6+ hex digits) or name, among those ``viewer`` may see.
 
         ``viewer`` is a user of the service (None: the whole store). A name means the viewer's own model of that
         name, else one granted to them, else a public one; the newest within each (see ``merger.access``). A
         model the viewer may not see is not found, exactly as one that does not exist, and does not make a
-        prefix ambiguous. ``stored_only`` skips external directories, whose content may have changed since they
-        were seen, and placeholders, which have no files.
+        prefix ambiguous. ``as_of``: only models stored by then. ``stored_only`` skips external directories, whose
+        content may have changed since they were seen, and placeholders, which have no files.
         """
         if not _storable(ref):
             return None  # no row can hold it, and the database would refuse to compare it
         scope = and_(ModelRow.location.is_(None), ModelRow.kind != PLACEHOLDER) if stored_only else ModelRow.id.is_not(None)
         with self.session() as s:
             if HEX.match(ref):
-                by_id = as_seen_by(select(ModelRow.id).where(scope, ModelRow.id.startswith(ref)), viewer)
+                by_id = as_seen_by(select(ModelRow.id).where(scope, ModelRow.id.startswith(ref)), viewer, as_of)
                 ids = list(s.scalars(by_id.limit(2)))
                 if len(ids) > 1:
                     raise MergerError(f"{ref!r} is an ambiguous id prefix; give more digits")
                 if ids:
                     return self.get(ids[0])
-            by_name = as_seen_by(select(ModelRow.id).where(scope, ModelRow.name == ref), viewer)
+            by_name = as_seen_by(select(ModelRow.id).where(scope, ModelRow.name == ref), viewer, as_of)
             model_id = s.scalars(by_name.limit(1)).first()
         return self.get(model_id) if model_id else None
 

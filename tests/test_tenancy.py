@@ -254,24 +254,37 @@ def test_unprintable_overlong_and_outside_references_are_one_clean_problem(setti
     assert len(said) == 1, said
 
 
+def stored(settings, store, source: str, name: str, owner: str, *, public: bool) -> ModelRow:
+    """``source`` registered by ``owner`` as ``name``."""
+    model = register(settings, store, source, name=name, viewer=owner).model
+    with store.session.begin() as s:
+        ensure_user(s, owner)
+        grant(s, [model.id], owner, owner=True)
+        s.get(ModelRow, model.id).public = public
+    return model
+
+
 def test_a_job_resolves_as_its_owner_again_when_it_runs(settings, store):
     from merger.service.jobs import Jobs
 
-    carol = register(settings, store, "llama-ft1", name="carols-model", viewer="carol").model
+    carols = stored(settings, store, "llama-ft1", "shared-name", "carol", public=True)
+    carols_other = stored(settings, store, "gemma3-base", "carols-other", "carol", public=True)
+    jobs = Jobs(settings, store, lambda _job_id, _queue: None)
+    kept = jobs.submit("alice", linear("shared-name", "llama-base"), name="kept")
+    lost = jobs.submit("alice", linear("carols-other", "gemma3-ft1"), name="lost")
+    assert kept.state == lost.state == "queued"
+    daves = stored(settings, store, "llama-ft2", "shared-name", "dave", public=True)  # newer, public, same name
+    jobs.execute(kept.id)
+    ran = jobs.get(kept.id)
+    assert ran.state == "succeeded", ran.error_message
+    assert [e.parent_id for e in store.get(ran.model_id).parents][0] == carols.id != daves.id
+
     with store.session.begin() as s:
-        ensure_user(s, "carol")
-        grant(s, [carol.id], "carol", owner=True)
-        s.get(ModelRow, carol.id).public = True
-    queued = []
-    jobs = Jobs(settings, store, lambda job_id, _queue: queued.append(job_id))
-    job = jobs.submit("alice", linear("carols-model", "llama-ft2"), name="r")
-    assert job.state == "queued"
-    with store.session.begin() as s:
-        s.get(ModelRow, carol.id).public = False  # alice may no longer see it
-    jobs.execute(job.id)
-    failed = jobs.get(job.id)
+        s.get(ModelRow, carols_other.id).public = False  # alice may no longer see it
+    jobs.execute(lost.id)
+    failed = jobs.get(lost.id)
     assert failed.state == "failed" and failed.error_code == "invalid_recipe"
-    assert "'carols-model' is not a stage, a stored model" in failed.error_message
+    assert "'carols-other' is not a stage, a stored model" in failed.error_message
 
 
 def test_a_job_grants_its_inputs_and_nothing_further_up(settings, store):

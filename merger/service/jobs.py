@@ -122,9 +122,11 @@ class Jobs:
     def _run(self, job: JobRow, keeper: LeaseKeeper) -> None:
         progress = _Progress(self.session, job.id, keeper)
         try:
-            recipe = check_recipe(job.recipe, self.settings, self.store, default_name=job.recipe_name, viewer=job.owner)
+            # as its owner sees the store now, among the models there were when it was submitted
+            seen = {"viewer": job.owner, "as_of": job.created_at}
+            recipe = check_recipe(job.recipe, self.settings, self.store, default_name=job.recipe_name, **seen)
             results = run_recipe(recipe, self.settings, self.store, force=job.force, report=progress.report,
-                                 should_cancel=progress.should_cancel, viewer=job.owner)
+                                 should_cancel=progress.should_cancel, **seen)
         except Cancelled:
             if keeper.lost.is_set():
                 LOG.warning("job %s: lease lost; stopped and left it to its new worker", job.id)
