@@ -128,7 +128,7 @@ def import_gguf(store: Store, gguf_path: Path, *, name: str | None = None,
         origin = convert_gguf(gguf_path, out_dir, log=log) | {"package": _package_of(gguf_path)}
         name = name or (origin["hub_id"] or gguf_path.stem).split("/")[-1]
         (out_dir / "README.md").write_text(_card(name, origin), encoding="utf-8")
-        model = store.publish(out_dir, name=name, architecture=_architecture(out_dir), origin=origin,
+        model, _ = store.publish(out_dir, name=name, architecture=_architecture(out_dir), origin=origin,
                               versions={"transformers": version("transformers"), "gguf": version("gguf")})
     store.remember(key, model.id)
     return model, False

@@ -9,6 +9,7 @@ model (``evaluate``) stores its results in lineage instead, each cached on its o
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class StageResult:
     cache_hit: bool  # for an evaluate stage: every result was cached
     seconds: float
     evaluation: Report | None = None  # an evaluate stage's results
+    created: bool = False  # this run stored the model (not a cache hit, nor bytes that were stored already)
 
 
 def final_model(results: list[StageResult]) -> ModelRow | None:
@@ -60,10 +62,15 @@ def _installed_version(name: str) -> str:
         return "not installed"
 
 
-def check_recipe(data: Any, settings: Settings, store: Store, *, default_name: str) -> Recipe:
-    """Parse raw recipe data and check every input of every stage; ``RecipeError`` lists all problems."""
+def check_recipe(data: Any, settings: Settings, store: Store, *, default_name: str, viewer: str | None = None,
+                 as_of: datetime | None = None) -> Recipe:
+    """Parse raw recipe data and check every input of every stage; ``RecipeError`` lists all problems.
+
+    ``viewer``: the user the recipe runs for, whose models it may name (None: the whole store); ``as_of``: only
+    models stored by then (a job's run names what its submission could).
+    """
     draft = draft_recipe(data, default_name=default_name)
-    plan_draft(draft, Resolver(settings, store))
+    plan_draft(draft, Resolver(settings, store, viewer=viewer, as_of=as_of))
     return draft.recipe()
 
 
@@ -80,11 +87,13 @@ def run_recipe(
     force: bool = False,
     report: Reporter = no_report,
     should_cancel: CancelCheck = never_cancel,
+    viewer: str | None = None,
+    as_of: datetime | None = None,
 ) -> list[StageResult]:
     versions = software_versions()
     outputs: dict[str, ModelRow] = {}
     results = []
-    for plan in _plans(recipe, settings, store):
+    for plan in _plans(recipe, settings, store, viewer, as_of):
         if should_cancel():
             raise Cancelled(f"cancelled before stage {plan.stage.name}")
         if plan.stage.produces_model:
@@ -189,7 +198,7 @@ def _short(ids) -> str:
     return ", ".join(i[:12] for i in ids) or "none"
 
 
-def cached_results(recipe: Recipe, settings: Settings, store: Store) -> list[ModelRow] | None:
+def cached_results(recipe: Recipe, settings: Settings, store: Store, viewer: str | None = None) -> list[ModelRow] | None:
     """Every stage's output if all of them are cached, else None; runs nothing.
 
     A recipe that evaluates is never answered from here: it runs (its cached results make that quick).
@@ -198,7 +207,7 @@ def cached_results(recipe: Recipe, settings: Settings, store: Store) -> list[Mod
         return None
     versions = software_versions()
     outputs: dict[str, ModelRow] = {}
-    for plan in _plans(recipe, settings, store):
+    for plan in _plans(recipe, settings, store, viewer):
         inputs = [_input_model(inp, outputs, store) for inp in plan.inputs]
         model = store.cached(_cache_key(plan, inputs, _stage_versions(plan, versions)))
         if model is None:
@@ -207,8 +216,9 @@ def cached_results(recipe: Recipe, settings: Settings, store: Store) -> list[Mod
     return list(outputs.values())
 
 
-def _plans(recipe: Recipe, settings: Settings, store: Store) -> list[StagePlan]:
-    return plan_draft(Draft(stages=list(enumerate(recipe.stages)), names=recipe.stage_names()), Resolver(settings, store))
+def _plans(recipe: Recipe, settings: Settings, store: Store, viewer: str | None, as_of: datetime | None = None) -> list[StagePlan]:
+    resolver = Resolver(settings, store, viewer=viewer, as_of=as_of)
+    return plan_draft(Draft(stages=list(enumerate(recipe.stages)), names=recipe.stage_names()), resolver)
 
 
 def _cache_key(plan: StagePlan, inputs: list[ModelRow], versions: dict) -> str:
@@ -236,7 +246,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
 
     with store.staging() as work:
         out_dir, output = _build(plan, inputs, versions, store, work, report, should_cancel)
-        model = store.publish(
+        model, created = store.publish(
             out_dir,
             name=stage.name,
             kind=output.kind,
@@ -250,7 +260,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
     seconds = time.monotonic() - started
     store.record_run(stage=stage.name, cache_key=key, model_id=model.id, cache_hit=False, seconds=seconds)
     report(ProgressEvent(stage.name, "done", model_id=model.id))
-    return StageResult(stage.name, model, False, seconds)
+    return StageResult(stage.name, model, False, seconds, created=created)
 
 
 def _build(plan: StagePlan, inputs: list[ModelRow], versions: dict, store: Store, work: Path,

@@ -6,10 +6,13 @@ else an adapter's ``adapter_config.json`` (``base_model_name_or_path``). The rel
 ``base_model_relation`` or, as the Hub infers it: adapter (an ``adapter_config.json``), merge (several base
 models), else finetune.
 
-A parent label is looked up as a Hub id of a registered model, then as a store id, prefix or name. A label
-not known yet becomes a *placeholder*: a row of kind ``placeholder`` without files, named by the label, with
-the id sha256("placeholder:" + label), so every model naming that parent shares it. Registering a model
-with that Hub id or name fills it: the edges to the placeholder move to the model and the placeholder goes.
+Registration happens as a *viewer* (a user of the service; None: the local command line, which sees the whole
+store). A parent label is looked up among the models the viewer may see: as a Hub id of a registered model,
+then as a store id, prefix or name. A label not found becomes a *placeholder*: a row of kind ``placeholder``
+without files, named by the label, whose id digests the label and the viewer (``placeholder_id``), so every
+model that viewer registers naming that parent shares it. Registering a model with that Hub id or name, as
+the same viewer, fills it: the edges to the placeholder move to the model and the placeholder goes. Another
+user's placeholders are never filled, and bytes already stored keep their name and owners.
 """
 
 import hashlib
@@ -22,6 +25,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from merger.access import as_seen_by
 from merger.db import EdgeRow, ModelRow, add_unless_exists
 from merger.errors import MergerError
 from merger.hashing import manifest, manifest_id
@@ -59,13 +63,19 @@ class _Declared:
     where: str  # the file or option the parents came from
 
 
-def placeholder_id(label: str) -> str:
-    return hashlib.sha256(f"placeholder:{label}".encode()).hexdigest()
+def placeholder_id(label: str, viewer: str | None = None) -> str:
+    """The placeholder for ``label`` of the models ``viewer`` registers (None: the local command line's)."""
+    key = f"placeholder:{label}" if viewer is None else f"placeholder:{json.dumps([viewer, label])}"  # unambiguous
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def register(settings: Settings, store: Store, source: str, *, name: str, parents: list[str] | None = None,
-             relation: str | None = None) -> Registration:
-    """Copy the model or adapter at ``source`` (DIR or ``org/name[@rev]``) into the store and link its parents."""
+             relation: str | None = None, viewer: str | None = None) -> Registration:
+    """Copy the model or adapter at ``source`` (DIR or ``org/name[@rev]``) into the store and link its parents.
+
+    Parents are looked up as ``viewer`` sees the store. Bytes already stored are left as they are (name, parents,
+    owners; ``created`` is False), but still fill the viewer's placeholders for ``name``.
+    """
     found = _locate(Resolver(settings, store), source)
     path = found.path
     adapter = (path / "adapter_config.json").is_file()
@@ -80,10 +90,10 @@ def register(settings: Settings, store: Store, source: str, *, name: str, parent
         model_id = manifest_id(manifest(staged))
         existing = store.get(model_id)
         created = existing is None or existing.location is not None  # new, or known only as a recipe's input directory
-        links = _link_parents(store, declared, model_id, own_labels={name, origin.get("hub_id")}) if created else []
-        model = store.publish(staged, name=name, kind="adapter" if adapter else "model", architecture=info.architecture,
-                              parents=links, origin=origin)
-    filled = _fill_placeholders(store, model)
+        links = _link_parents(store, declared, model_id, {name, origin.get("hub_id")}, viewer) if created else []
+        model, created = store.publish(staged, name=name, kind="adapter" if adapter else "model", architecture=info.architecture,
+                                       parents=links, origin=origin)
+    filled = _fill_placeholders(store, model.id, {name, origin.get("hub_id")}, viewer)
     model = store.get(model.id)  # with its edges as they are now
     return Registration(model, created, _parent_links(model), filled)
 
@@ -177,39 +187,39 @@ def _checked_relation(value, where: str) -> str:
 # --- parents and placeholders ------------------------------------------------------------------------------
 
 
-def _link_parents(store: Store, declared: _Declared, model_id: str, own_labels: set[str | None]) -> list[Parent]:
-    """An edge per declared parent, to a known model or to a placeholder (created here); never to the model itself."""
+def _link_parents(store: Store, declared: _Declared, model_id: str, own_labels: set[str | None], viewer: str | None) -> list[Parent]:
+    """An edge per declared parent, to a model the viewer may see or to their placeholder (created here); never to
+    the model itself."""
     role = "donor" if declared.relation == "merge" else "base"
     with store.session.begin() as s:
-        ids = {label: _parent_id(s, store, label) for label in declared.labels if label not in own_labels}
+        ids = {label: _parent_id(s, store, label, viewer) for label in declared.labels if label not in own_labels}
     return [Parent(parent_id, declared.relation, role, None, {"label": label, "declared_in": declared.where})
             for label, parent_id in ids.items() if parent_id != model_id]
 
 
-def _parent_id(s: Session, store: Store, label: str) -> str:
-    by_hub_id = s.scalars(
-        select(ModelRow.id).where(ModelRow.kind != PLACEHOLDER, ModelRow.origin["hub_id"].as_string() == label)
-        .order_by(ModelRow.created_at.desc()).limit(1)
-    ).first()
+def _parent_id(s: Session, store: Store, label: str, viewer: str | None) -> str:
+    registered = select(ModelRow.id).where(ModelRow.kind != PLACEHOLDER, ModelRow.origin["hub_id"].as_string() == label)
+    by_hub_id = s.scalars(as_seen_by(registered, viewer).limit(1)).first()
     if by_hub_id:
         return by_hub_id
-    known = store.find(label)
-    if known is not None:
+    known = store.find(label, viewer=viewer)
+    if known is not None and known.kind != PLACEHOLDER:
         return known.id
-    add_unless_exists(s, ModelRow(id=placeholder_id(label), name=label, kind=PLACEHOLDER, size_bytes=0, origin={"placeholder_for": label}))
-    return placeholder_id(label)
+    placeholder = placeholder_id(label, viewer)  # the viewer's own, whoever else has one for the label
+    add_unless_exists(s, ModelRow(id=placeholder, name=label, kind=PLACEHOLDER, size_bytes=0, origin={"placeholder_for": label}))
+    return placeholder
 
 
-def _fill_placeholders(store: Store, model: ModelRow) -> list[str]:
-    """Move the edges of the placeholders named by the model's Hub id or name onto the model; drop the placeholders."""
-    labels = sorted({label for label in ((model.origin or {}).get("hub_id"), model.name) if label})
+def _fill_placeholders(store: Store, model_id: str, labels: set[str | None], viewer: str | None) -> list[str]:
+    """Move the edges of the viewer's placeholders for ``labels`` (the name and Hub id the model was registered as)
+    onto the model; drop those placeholders."""
     filled = []
     with store.session.begin() as s:
-        for label in labels:
-            placeholder = s.get(ModelRow, placeholder_id(label))
+        for label in sorted(label for label in labels if label):
+            placeholder = s.get(ModelRow, placeholder_id(label, viewer))
             if placeholder is None:
                 continue
-            s.execute(update(EdgeRow).where(EdgeRow.parent_id == placeholder.id).values(parent_id=model.id))
+            s.execute(update(EdgeRow).where(EdgeRow.parent_id == placeholder.id).values(parent_id=model_id))
             s.delete(placeholder)
             filled.append(label)
     return filled

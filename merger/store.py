@@ -11,11 +11,13 @@ import socket
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import and_, select
 
+from merger.access import as_seen_by
 from merger.db import CacheRow, EdgeRow, EvaluationRow, FileRow, ModelRow, RunRow, add_unless_exists, make_sessionmaker
 from merger.errors import MergerError
 from merger.hashing import FileEntry, manifest, manifest_id
@@ -79,8 +81,12 @@ class Store:
         recipe_digest: str | None = None,
         versions: dict | None = None,
         origin: dict | None = None,
-    ) -> ModelRow:
-        """Move a finished directory into the store under its content id and record it (idempotent)."""
+    ) -> tuple[ModelRow, bool]:
+        """Move a finished directory into the store under its content id and record it; True if this call stored it.
+
+        Idempotent: bytes already stored keep their row as it is (name, lineage, and so who owns them). A row known
+        before only as an external directory becomes the stored model.
+        """
         entries = manifest(staged)
         model_id = manifest_id(entries)
         dest = self.settings.models_dir / model_id
@@ -101,9 +107,8 @@ class Store:
                     EdgeRow(parent_id=p.model_id, relation=p.relation, role=p.role, weight=p.weight, position=i, details=p.details)
                     for i, p in enumerate(parents)
                 ]
-            elif name and row.name != name:
-                row.name = name
-        return self.get(model_id)
+                created = True
+        return self.get(model_id), created
 
     def register_directory(self, path: Path, *, name: str | None = None, kind: str = "model", architecture: str | None = None) -> ModelRow:
         """Record an external directory (left where it is) by content id, so lineage can point at it."""
@@ -176,23 +181,28 @@ class Store:
         with self.session() as s:
             return s.get(ModelRow, model_id)
 
-    def find(self, ref: str, *, stored_only: bool = False) -> ModelRow | None:
-        """A model by full id, unique id prefix (6+ hex digits) or name (the newest of that name).
+    def find(self, ref: str, *, stored_only: bool = False, viewer: str | None = None, as_of: datetime | None = None) -> ModelRow | None:
+        """A model by full id, unique id prefix (6+ hex digits) or name, among those ``viewer`` may see.
 
-        ``stored_only`` skips external directories, whose content may have changed since they were seen,
-        and placeholders, which have no files.
+        ``viewer`` is a user of the service (None: the whole store). A name means the viewer's own model of that
+        name, else one granted to them, else a public one; the newest within each (see ``merger.access``). A
+        model the viewer may not see is not found, exactly as one that does not exist, and does not make a
+        prefix ambiguous. ``as_of``: only models stored by then. ``stored_only`` skips external directories, whose
+        content may have changed since they were seen, and placeholders, which have no files.
         """
+        if not _storable(ref):
+            return None  # no row can hold it, and the database would refuse to compare it
         scope = and_(ModelRow.location.is_(None), ModelRow.kind != PLACEHOLDER) if stored_only else ModelRow.id.is_not(None)
         with self.session() as s:
             if HEX.match(ref):
-                ids = list(s.scalars(select(ModelRow.id).where(scope, ModelRow.id.startswith(ref)).limit(2)))
+                by_id = as_seen_by(select(ModelRow.id).where(scope, ModelRow.id.startswith(ref)), viewer, as_of)
+                ids = list(s.scalars(by_id.limit(2)))
                 if len(ids) > 1:
                     raise MergerError(f"{ref!r} is an ambiguous id prefix; give more digits")
                 if ids:
                     return self.get(ids[0])
-            model_id = s.scalars(
-                select(ModelRow.id).where(scope, ModelRow.name == ref).order_by(ModelRow.created_at.desc()).limit(1)
-            ).first()
+            by_name = as_seen_by(select(ModelRow.id).where(scope, ModelRow.name == ref), viewer, as_of)
+            model_id = s.scalars(by_name.limit(1)).first()
         return self.get(model_id) if model_id else None
 
     def resolve(self, ref: str) -> ModelRow:
@@ -218,6 +228,15 @@ class Store:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / f.path, target)
         return dest
+
+
+def _storable(text: str) -> bool:
+    """Text every database can store: no NUL (PostgreSQL refuses it) and no lone surrogate (not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def _pid_alive(pid: int) -> bool:

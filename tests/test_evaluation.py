@@ -339,7 +339,7 @@ def stored_gguf(store, source_dir: Path, tmp_path: Path, *, tokenizer: bool = Tr
     staged.mkdir()
     write_llama_gguf(source_dir, staged / "model-f32.gguf", tokenizer=tokenizer)
     (staged / "README.md").write_text("---\nbase_model_relation: quantized\n---\n# llama-spm-gguf\n")
-    return store.publish(staged, name="llama-spm-gguf", parents=[Parent(source.id, "quantized", "base")]), source
+    return store.publish(staged, name="llama-spm-gguf", parents=[Parent(source.id, "quantized", "base")])[0], source
 
 
 def gguf_report(store, eval_root, model, runtime: str):

@@ -15,6 +15,7 @@ import pytest
 
 from merger.hashing import sha256_file
 from merger.orchestrator import check_recipe, run_recipe
+from merger.access import grant
 from merger.service.auth import create_token
 from merger.settings import Settings
 from merger.store import Store
@@ -36,8 +37,8 @@ def linear(weight: float, family: str) -> dict:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory, model_root):
     """A live API over alice's `tiny-merge` (an older private revision and a newer public one, `main`) and her
-    private, larger `secret`. The models are built in-process; alice becomes their owner the way the service makes
-    owners: she submits the same recipes, which the cache answers at once."""
+    private, larger `secret`. The models are built in-process (by nobody) and granted to alice as their owner;
+    her submitting the same recipes is answered from the cache at once (which grants reading, never owning)."""
     tmp = tmp_path_factory.mktemp("hub")
     make_family(model_root, "llama", prefix="hub-llama", **LARGER)
     settings = Settings(home=tmp / "home", model_roots=[model_root], database_url=None)
@@ -48,6 +49,7 @@ def hub(tmp_path_factory, model_root):
               for key, (name, recipe) in recipes.items()}
     with store.session.begin() as s:
         tokens = {user: create_token(s, user) for user in ("alice", "bob")}
+        grant(s, [m.id for m in models.values()], "alice", owner=True)
 
     env = {**os.environ, "MERGER_HOME": str(settings.home), "MERGER_MODEL_ROOTS": str(model_root)}
     env.pop("MERGER_DATABASE_URL", None)

@@ -237,16 +237,20 @@ def test_api_registers_and_answers_lineage_within_visibility(env):
 
     assert bob.get(f"/v1/models/{merged}/lineage").status_code == 404  # alice's, private
     lora = bob.post("/v1/models", json={"source": "llama-lora", "name": LORA}).json()
-    assert [p["id"] for p in lora["parents"]] == [base["id"]]  # alice's base, by its Hub id
-    seen_by_bob = bob.get(f"/v1/models/{lora['id']}/lineage").json()
-    assert seen_by_bob["nodes"][1] == {"id": base["id"], "name": None, "kind": None, "hub_id": None, "recipe_digest": None,
-                                       "inputs": [], "hidden": True}
-    assert bob.get(f"/v1/models/{lora['id']}/lineage", params={"to": base["id"]}).status_code == 404
+    # alice's base is private: to bob its Hub id is a label like any unknown one, so he gets his own placeholder
+    assert [(p["id"], p["name"], p["kind"]) for p in lora["parents"]] == [(placeholder_id(BASE, "bob"), BASE, "placeholder")]
     down = alice.get(f"/v1/models/{base['id']}/lineage", params={"direction": "descendants"}).json()
     assert {n["id"] for n in down["nodes"]} == {base["id"], tuned["id"], merged}  # bob's adapter is not hers to see
 
+    alice.post(f"/v1/models/{merged}/visibility", json={"public": True})
+    seen_by_bob = bob.get(f"/v1/models/{merged}/lineage").json()
+    assert seen_by_bob["nodes"][1] == {"id": tuned["id"], "name": None, "kind": None, "hub_id": None, "recipe_digest": None,
+                                       "inputs": [], "hidden": True}
+    assert [(p["id"], p["name"], p["kind"]) for p in bob.get(f"/v1/models/{merged}").json()["parents"]] == [
+        (tuned["id"], None, "hidden"), (base["id"], None, "hidden")]
+    assert bob.get(f"/v1/models/{merged}/lineage", params={"to": base["id"]}).status_code == 404
     alice.post(f"/v1/models/{base['id']}/visibility", json={"public": True})
-    assert bob.get(f"/v1/models/{lora['id']}/lineage").json()["nodes"][1]["name"] == BASE
+    assert [n["name"] for n in bob.get(f"/v1/models/{merged}/lineage").json()["nodes"]] == [MERGED, None, BASE]
     refused = bob.post("/v1/models", json={"source": "/etc", "name": "etc"})
     assert refused.status_code == 400 and "outside the model roots" in refused.json()["detail"]
     assert bob.post("/v1/models", json={"source": "llama-tuned", "name": "x", "relation": "distilled"}).status_code == 422

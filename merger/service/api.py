@@ -13,12 +13,12 @@ from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 
 from merger import __version__, graph
+from merger.access import can_see, grant, owns, visible_to
 from merger.db import ModelRow
 from merger.errors import MergerError, Problem, RecipeError
 from merger.orchestrator import check_recipe
 from merger.registry import register
 from merger.safe_yaml import load_recipe_text
-from merger.service.auth import can_see, grant, owns, visible_to
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.hub import router as hub_router
@@ -108,12 +108,21 @@ def _problems_response(exc: RecipeError) -> JSONResponse:
 
 
 def _visible_model(svc: Service, model_id: str, user: str) -> ModelRow:
-    """A model by full id or unique id prefix, if the user may see it; else 404 (never 403: no existence leak)."""
-    model = svc.store.find(model_id) if HEX.match(model_id) else None
-    with svc.store.session() as s:
-        if model is None or not can_see(s, model.id, user):
-            raise HTTPException(404, f"no model {model_id}")
+    """A model by full id or unique id prefix among those the user may see; else 404 (never 403: no existence leak)."""
+    model = svc.store.find(model_id, viewer=user) if HEX.match(model_id) else None
+    if model is None:
+        raise HTTPException(404, f"no model {model_id}")
     return model
+
+
+def _model_out(svc: Service, model: ModelRow, user: str) -> ModelOut:
+    """A model as ``user`` may see it: a parent they may not see shows its id only (kind ``hidden``)."""
+    out = ModelOut.of(model)
+    with svc.store.session() as s:
+        for parent in out.parents:
+            if not can_see(s, parent.id, user):
+                parent.name, parent.kind = None, "hidden"
+    return out
 
 
 def _own_job(svc: Service, job_id: str, user: str):
@@ -138,8 +147,8 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.post("/v1/recipes/validate", response_model=ValidationOut, responses=RECIPE_ERRORS)
-    def validate(body: RecipeIn, svc: ServiceDep, _user: UserDep):
-        recipe = check_recipe(_recipe_data(body, svc.settings), svc.settings, svc.store, default_name=body.name)
+    def validate(body: RecipeIn, svc: ServiceDep, user: UserDep):
+        recipe = check_recipe(_recipe_data(body, svc.settings), svc.settings, svc.store, default_name=body.name, viewer=user)
         return ValidationOut(ok=True, stages=recipe.stage_names())
 
     @app.post("/v1/jobs", response_model=JobOut, status_code=202,
@@ -186,32 +195,35 @@ def _routes(app: FastAPI) -> None:
     def list_models(svc: ServiceDep, user: UserDep):
         with svc.store.session() as s:
             ids = list(s.scalars(select(ModelRow.id).where(visible_to(user)).order_by(ModelRow.created_at)))
-        return [ModelOut.of(svc.store.get(i)) for i in ids]
+        return [_model_out(svc, svc.store.get(i), user) for i in ids]
 
     @app.get("/v1/models/{model_id}", response_model=ModelOut, responses=errors(401, 404))
     def get_model(model_id: str, svc: ServiceDep, user: UserDep):
-        return ModelOut.of(_visible_model(svc, model_id, user))
+        return _model_out(svc, _visible_model(svc, model_id, user), user)
 
     @app.post("/v1/models/{model_id}/visibility", response_model=ModelOut, responses=errors(401, 403, 404))
     def set_visibility(model_id: str, body: VisibilityIn, svc: ServiceDep, user: UserDep):
-        """Only a user whose job produced the model may publish or unpublish it."""
+        """Only an owner (a user whose job stored the model, or who registered it first) may publish or unpublish it."""
         model = _visible_model(svc, model_id, user)
         with svc.store.session.begin() as s:
             if not owns(s, model.id, user):
                 raise HTTPException(403, f"only the owner of model {model_id} may change its visibility")
             s.get(ModelRow, model.id).public = body.public
-        return ModelOut.of(svc.store.get(model.id))
+        return _model_out(svc, svc.store.get(model.id), user)
 
     @app.post("/v1/models", response_model=ModelOut, status_code=201,
               responses={200: {"model": ModelOut, "description": "the same bytes were in the store already"}, **errors(401)})
     def register_model(body: RegisterIn, svc: ServiceDep, user: UserDep):
         """Copy a model or adapter from the server's model roots or Hugging Face cache into the store, with its
-        parents; runs in the request. The caller owns it, and sees the placeholders it created."""
-        done = register(svc.settings, svc.store, body.source, name=body.name, parents=body.parents, relation=body.relation)
+        parents (looked up among the models the caller may see); runs in the request. The caller owns it and sees
+        the placeholders it created; bytes already stored are left as they are and the caller may read them."""
+        done = register(svc.settings, svc.store, body.source, name=body.name, parents=body.parents, relation=body.relation,
+                        viewer=user)
         with svc.store.session.begin() as s:
-            grant(s, [done.model.id], user, owner=True)
-            grant(s, [p.model_id for p in done.parents if p.placeholder], user)
-        out = ModelOut.of(svc.store.get(done.model.id))
+            grant(s, [done.model.id], user, owner=done.created)
+            if done.created:
+                grant(s, [p.model_id for p in done.parents if p.placeholder], user)
+        out = _model_out(svc, svc.store.get(done.model.id), user)
         return out if done.created else JSONResponse(out.model_dump(mode="json"), status_code=200)
 
     @app.get("/v1/models/{model_id}/lineage", response_model=LineageOut,
@@ -251,11 +263,11 @@ def _routes(app: FastAPI) -> None:
         entry = next((f for f in model.files if f.path == path), None)
         if entry is None:
             raise HTTPException(404, f"model {model_id} has no file {path}")
-        return file_response(svc.store.path_of(model), entry)
+        return file_response(svc.store, model, entry)
 
     @app.get("/v1/models/{model_id}/archive", response_class=Response,
              responses={200: {"description": "A tar of the model's files under NAME/", "content": {"application/x-tar": BINARY}},
-                        **errors(401, 404)})
+                        **errors(401, 404, 409)})
     def get_archive(model_id: str, svc: ServiceDep, user: UserDep):
         model = _visible_model(svc, model_id, user)
-        return archive_response(svc.store.path_of(model), model)
+        return archive_response(svc.store, model)

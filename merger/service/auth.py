@@ -1,12 +1,12 @@
-"""API tokens (stored as sha256 hashes) and who may see which model."""
+"""API tokens (stored as sha256 hashes). Who may see which model is ``merger.access`` (re-exported here)."""
 
 import hashlib
 import secrets
 
-from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
-from merger.db import GrantRow, ModelRow, TokenRow, UserRow, add_unless_exists
+from merger.access import can_see, grant, owned_by, owns, visible_to  # noqa: F401 - re-exported for the service
+from merger.db import TokenRow, UserRow, add_unless_exists
 
 SINGLE_USER = "local"
 
@@ -30,31 +30,3 @@ def create_token(s: Session, user: str) -> str:
 def user_for_token(s: Session, token: str) -> str | None:
     row = s.get(TokenRow, _digest(token))
     return row.user if row else None
-
-
-def grant(s: Session, model_ids: list[str], user: str, *, owner: bool = False) -> None:
-    for model_id in model_ids:
-        if not add_unless_exists(s, GrantRow(model_id=model_id, user=user, owner=owner)) and owner:
-            s.get(GrantRow, (model_id, user)).owner = True
-
-
-def owns(s: Session, model_id: str, user: str) -> bool:
-    row = s.get(GrantRow, (model_id, user))
-    return bool(row and row.owner)
-
-
-def can_see(s: Session, model_id: str, user: str) -> bool:
-    return bool(s.scalar(select(visible_to(user)).where(ModelRow.id == model_id)))
-
-
-def visible_to(user: str | None):
-    """SQL condition: the model is public or granted to ``user`` (None, a caller without a token: public only)."""
-    if user is None:
-        return ModelRow.public.is_(True)
-    granted = exists().where(GrantRow.model_id == ModelRow.id, GrantRow.user == user)
-    return or_(ModelRow.public.is_(True), granted)
-
-
-def owned_by(user: str):
-    """SQL condition: ``user`` owns the model (a job of theirs produced it)."""
-    return exists().where(GrantRow.model_id == ModelRow.id, GrantRow.user == user, GrantRow.owner.is_(True))

@@ -3,8 +3,8 @@
 With ``HF_ENDPOINT`` pointing at merger, ``hf download OWNER/NAME``, ``hf_hub_download``, ``snapshot_download``
 and ``from_pretrained("OWNER/NAME")`` read stored models:
 
-- The repository ``OWNER/NAME`` holds the models named NAME that user OWNER owns (a job of theirs produced
-  them) and the caller may see; the newest is the revision ``main``.
+- The repository ``OWNER/NAME`` holds the models named NAME that user OWNER owns (a job of theirs stored them,
+  or they registered them first) and the caller may see; the newest is the revision ``main``.
 - A model's commit is the first 40 hex digits of its content id; ``main``, a commit or a full content id name
   a revision.
 - Every file is an LFS file whose oid and ETag are its sha256. Files are served directly, not redirected.
@@ -20,8 +20,8 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import Response
 from sqlalchemy import select
 
+from merger.access import owned_by, visible_to
 from merger.db import FileRow, ModelRow, as_utc
-from merger.service.auth import owned_by, visible_to
 from merger.service.deps import OptionalUserDep, Service, ServiceDep
 from merger.service.downloads import file_response
 from merger.service.schemas import DetailOut, HubLfs, HubModelInfo, HubSibling, HubTreeEntry, file_responses
@@ -147,5 +147,4 @@ def resolve(owner: str, name: str, revision: str, path: str, svc: ServiceDep, us
     if entry is None:
         # the commit lets the client cache that the file does not exist in this revision
         raise _hub_error(404, "EntryNotFound", f"No file {path} in {owner}/{name}", commit)
-    return file_response(svc.store.path_of(model), entry,
-                         {**commit, "X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
+    return file_response(svc.store, model, entry, {**commit, "X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})

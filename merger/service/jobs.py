@@ -12,12 +12,12 @@ from collections.abc import Callable
 
 from sqlalchemy import select, update
 
+from merger.access import grant
 from merger.db import JobRow, utcnow
 from merger.errors import Cancelled, MergerError, RecipeError
-from merger.graph import ancestors
 from merger.orchestrator import cached_results, check_recipe, final_model, run_recipe
 from merger.progress import ProgressEvent
-from merger.service.auth import ensure_user, grant
+from merger.service.auth import ensure_user
 from merger.service.leases import LeaseKeeper, Leases, make_leases
 from merger.settings import Settings
 from merger.store import Store
@@ -40,9 +40,10 @@ class Jobs:
     # --- API side ----------------------------------------------------------------------------------------
 
     def submit(self, owner: str, recipe: dict, *, name: str, force: bool = False, gpu: bool = False) -> JobRow:
-        """Check the recipe (``RecipeError`` lists all problems); a fully cached recipe succeeds at once."""
-        parsed = check_recipe(recipe, self.settings, self.store, default_name=name)
-        cached = None if force else cached_results(parsed, self.settings, self.store)
+        """Check the recipe as ``owner`` sees the store (``RecipeError`` lists all problems); a fully cached recipe
+        succeeds at once, and its owner may read what the cache holds (owning it stays with whoever made it)."""
+        parsed = check_recipe(recipe, self.settings, self.store, default_name=name, viewer=owner)
+        cached = None if force else cached_results(parsed, self.settings, self.store, viewer=owner)
         job = JobRow(id=uuid.uuid4().hex, owner=owner, recipe=recipe, recipe_name=name, force=force,
                      queue="gpu" if gpu and "gpu" in self.live_queues() else "cpu", state="queued")
         if cached:
@@ -51,7 +52,7 @@ class Jobs:
             ensure_user(s, owner)
             s.add(job)
             if cached:
-                self._grant(s, [m.id for m in cached], owner)
+                self._grant(s, owner, read=[m.id for m in cached])
         if not cached:
             self.enqueue(job.id, job.queue)
         return self.get(job.id)
@@ -73,11 +74,14 @@ class Jobs:
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "running").values(cancel_requested=True))
         return self.get(job_id)
 
-    def _grant(self, s, outputs: list[str], user: str) -> None:
-        """A job's owner owns its outputs and may see everything they came from (the owner named those inputs)."""
-        seen = sorted({node for model_id in outputs for node in ancestors(self.store, model_id).nodes})
-        grant(s, [m for m in seen if m not in outputs], user)
-        grant(s, outputs, user, owner=True)
+    def _grant(self, s, user: str, *, read: list[str], owned: list[str] = ()) -> None:
+        """A job's owner owns the models its run stored, may read the others it produced or found cached, and the
+        inputs of all of them (the owner named those, as they saw the store; nothing further up is granted)."""
+        outputs = [*owned, *read]
+        inputs = {edge.parent_id for model_id in outputs for edge in self.store.get(model_id).parents}
+        grant(s, sorted(inputs - set(outputs)), user)
+        grant(s, read, user)
+        grant(s, list(owned), user, owner=True)
 
     def reap(self) -> list[str]:
         """Re-enqueue running jobs whose lease lapsed (their worker died); returns their ids."""
@@ -118,9 +122,11 @@ class Jobs:
     def _run(self, job: JobRow, keeper: LeaseKeeper) -> None:
         progress = _Progress(self.session, job.id, keeper)
         try:
-            recipe = check_recipe(job.recipe, self.settings, self.store, default_name=job.recipe_name)
+            # as its owner sees the store now, among the models there were when it was submitted
+            seen = {"viewer": job.owner, "as_of": job.created_at}
+            recipe = check_recipe(job.recipe, self.settings, self.store, default_name=job.recipe_name, **seen)
             results = run_recipe(recipe, self.settings, self.store, force=job.force, report=progress.report,
-                                 should_cancel=progress.should_cancel)
+                                 should_cancel=progress.should_cancel, **seen)
         except Cancelled:
             if keeper.lost.is_set():
                 LOG.warning("job %s: lease lost; stopped and left it to its new worker", job.id)
@@ -134,10 +140,13 @@ class Jobs:
             LOG.exception("job %s failed", job.id)
             self._finish(job.id, keeper, "failed", error=("internal_error", f"{type(exc).__name__}: {exc}"))
         else:
-            evaluated = [subject.model.id for r in results if r.evaluation for subject in r.evaluation.subjects]
+            # the models an evaluate stage named (the owner may read their results); not the parents it compared them with
+            evaluated = [subject.model.id for r in results if r.evaluation for subject in r.evaluation.subjects
+                         if subject.relation == "evaluated"]
             with self.session.begin() as s:
-                self._grant(s, [r.model.id for r in results if r.model], job.owner)
-                grant(s, evaluated, job.owner)  # the owner named them: they may read their results
+                self._grant(s, job.owner, owned=[r.model.id for r in results if r.model and r.created],
+                            read=[r.model.id for r in results if r.model and not r.created])
+                grant(s, evaluated, job.owner)
             final = final_model(results)
             self._finish(job.id, keeper, "succeeded", model_id=final.id if final else None)
 

@@ -54,6 +54,7 @@ ERRORS = {
     401: "No valid API token",
     403: "Only an owner of the model may do this",
     404: "No such job or model among those you may see",
+    409: "A file of an input directory has changed since it was recorded: it is not served",
     413: "The request body is over MERGER_MAX_BODY_BYTES",
     414: f"The request target (path and query) is over {MAX_TARGET_BYTES} bytes",
     422: "The request does not fit the schema, or its JSON body nests too deep or holds NaN, Infinity or a lone surrogate",
@@ -71,7 +72,8 @@ def file_responses() -> dict[int | str, dict[str, Any]]:
     return {200: {"description": "The file", "content": {"application/octet-stream": BINARY}},
             206: {"description": "The requested range of the file", "content": {"application/octet-stream": BINARY}},
             400: {**errors(400)[400], "content": {"text/plain": TEXT}},
-            416: {"description": "The Range is outside the file", "content": {"text/plain": TEXT}}}
+            416: {"description": "The Range is outside the file", "content": {"text/plain": TEXT}},
+            **errors(409)}
 
 
 class ValidationOut(BaseModel):
@@ -117,7 +119,8 @@ class FileOut(BaseModel):
 class ParentOut(BaseModel):
     id: str
     name: str | None
-    kind: str = Field(description="model | adapter | placeholder (a parent known only by its label, not registered yet)")
+    kind: str = Field(description="model | adapter | placeholder (a parent known only by its label, not registered yet) | "
+                                  "hidden (a model you may not see: its id only)")
     relation: str
     role: str
     weight: float | None
