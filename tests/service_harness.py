@@ -109,3 +109,12 @@ class Service:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill(proc)
+
+
+def restart_redis_empty(proc: subprocess.Popen, url: str) -> subprocess.Popen:
+    """Kill a private redis-server (SIGKILL: it saves nothing) and start it again on the same port, empty."""
+    proc.kill()
+    proc.wait()
+    restarted = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL)
+    wait_for(lambda: redis_answers(url), 10, "the restarted redis-server")
+    return restarted
