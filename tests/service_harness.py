@@ -111,10 +111,12 @@ class Service:
                 self.kill(proc)
 
 
-def restart_redis_empty(proc: subprocess.Popen, url: str) -> subprocess.Popen:
-    """Kill a private redis-server (SIGKILL: it saves nothing) and start it again on the same port, empty."""
+def restart_redis_empty(proc: subprocess.Popen, url: str, while_down=lambda: None) -> subprocess.Popen:
+    """Kill a private redis-server (SIGKILL: it saves nothing), call ``while_down``, start it again on the same
+    port, empty."""
     proc.kill()
     proc.wait()
+    while_down()
     restarted = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL)
     wait_for(lambda: redis_answers(url), 10, "the restarted redis-server")
     return restarted

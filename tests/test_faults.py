@@ -57,7 +57,10 @@ def test_redis_restarted_empty_mid_job_runs_it_once_at_a_time(broker_service):
     client = broker_service.client(broker_service.token("frank"))
     job_id = client.post("/v1/jobs", json={"recipe": SLOW_TIES, "name": "broker-restart"}).json()["id"]
     running_with_progress(client, job_id)
-    broker_service.redis = restart_redis_empty(broker_service.redis, broker_service.env["MERGER_BROKER_URL"])
+    logs = list(broker_service.logs.glob("worker-*.log"))
+    noticed = lambda: any("lease lost; stopping the job" in log.read_text() for log in logs)  # noqa: E731
+    broker_service.redis = restart_redis_empty(broker_service.redis, broker_service.env["MERGER_BROKER_URL"],
+                                               while_down=lambda: wait_for(noticed, 60, "the worker to lose the lease"))
     job = finished(client, job_id, 300)
     assert job["state"] == "succeeded" and job["attempts"] == 2, job
 
