@@ -17,6 +17,7 @@ import yaml
 
 from merger.db import JobRow
 from merger.service.jobs import Jobs
+from merger.service.leases import LeaseKeeper
 from merger.settings import Settings
 from merger.store import Store
 from tests.service_harness import BIN, Service, free_port, restart_redis_empty, start_private_redis, wait_for
@@ -116,6 +117,14 @@ def test_a_failure_postgresql_refuses_is_recorded(tmp_path, private_root, postgr
     assert jobs.cancel(vanished).state == "running"
     settings.lease_seconds = 0  # the reaper acts as soon as it sees the lease free
     assert jobs.reap() == [] and jobs.get(vanished).state == "cancelled"
+
+    # an outcome the database refuses outright (a model id it does not know) still ends the job, as failed
+    refused = jobs.submit("gina", yaml.safe_load(linear(0.7)), name="refused").id
+    keeper = LeaseKeeper(jobs.leases, refused, 30)
+    with store.session.begin() as s:
+        s.get(JobRow, refused).state, s.get(JobRow, refused).worker = "running", keeper.holder
+    jobs._finish(refused, keeper, "succeeded", model_id="f" * 64)
+    assert (jobs.get(refused).state, jobs.get(refused).error_code) == ("failed", "internal_error")
     store.session.kw["bind"].dispose()
 
 
