@@ -3,7 +3,6 @@ the file, field or server. Each case runs the real console script."""
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
