@@ -2,6 +2,8 @@
 only by those commands (with mergekit and torch), so that the others answer at once."""
 
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -343,14 +345,31 @@ def serve(
 
     settings = Settings()
     count = workers if workers is not None else (0 if settings.broker_url else 1)
-    procs = [subprocess.Popen([sys.argv[0], "worker"]) for _ in range(count)]
+    # each worker in its own process group, so that stopping it stops its job processes too
+    procs = [subprocess.Popen([sys.argv[0], "worker"], start_new_session=True) for _ in range(count)]
     err.print(f"merger API on http://{host}:{port} (docs at /docs); broker {settings.resolved_broker_url}; {count} local worker(s)")
+    # uvicorn re-raises the signal it stopped on; exit through `finally` (SIGTERM's default action would skip it)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
+        _stop_workers(procs)
+
+
+WORKER_STOP_SECONDS = 30  # a local worker's current job may finish (Celery's warm shutdown); then it is killed
+
+
+def _stop_workers(procs: list) -> None:
+    import subprocess
+
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(WORKER_STOP_SECONDS)
+        except subprocess.TimeoutExpired:  # the job runs again at the next start: its lease lapses
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
@@ -360,8 +379,6 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Jobs at once (Redis broker only; embedded workers run one)")] = 1,
 ) -> None:
     """Run a Celery worker that executes queued jobs (on Redis, a fresh process per job)."""
-    import os
-
     import torch
 
     from worker.app import app as celery_app
@@ -388,6 +405,35 @@ def token_create(user: Annotated[str, typer.Option("--user", help="The user the 
         print(create_token(s, user))
 
 
+@token_app.command("list")
+def token_list(user: Annotated[Optional[str], typer.Option("--user", help="Only this user's tokens")] = None,
+               as_json: JsonFlag = False) -> None:
+    """List API tokens: user, created, and the token's id (the first digits of its hash; never the token)."""
+    from merger.service.auth import list_tokens, token_id
+
+    settings, store = _context()
+    with store.session() as s:
+        rows = [{"id": token_id(t), "user": t.user, "created_at": t.created_at.isoformat()} for t in list_tokens(s, user)]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "user", "created")
+    for row in rows:
+        table.add_row(row["id"], row["user"], row["created_at"][:16].replace("T", " "))
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: Annotated[str, typer.Argument(help="The token's id, as `merger token list` shows it")]) -> None:
+    """Revoke an API token: the API refuses it from then on."""
+    from merger.service.auth import revoke_token
+
+    settings, store = _context()
+    with store.session.begin() as s:
+        row = revoke_token(s, token_id.lower())
+        err.print(f"revoked token {token_id} of {row.user}", markup=False)
+
+
 def _client(server: str | None, token: str | None):
     from merger.service.client import Client
 
@@ -406,8 +452,11 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a recipe to a merger server; prints the job id (or follows it with --wait)."""
+    from merger.safe_yaml import read_recipe_text
+
     client = _client(server, token)
-    job = client.submit(recipe.read_text(encoding="utf-8"), name=recipe.stem, force=force, gpu=gpu)
+    text = read_recipe_text(recipe, max_bytes=Settings().max_recipe_bytes)
+    job = client.submit(text, name=recipe.stem, force=force, gpu=gpu)
     if wait and job["state"] not in ("succeeded", "failed", "cancelled"):
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
             task = bar.add_task(f"{job['id'][:8]} queued", total=None)
@@ -507,7 +556,7 @@ def _tree_label(node: graph.Node, edge: graph.Edge | None) -> str:
 
 
 def main() -> None:
-    """Entry point: user errors print as messages (recipe problems with exit code 2), never tracebacks."""
+    """Entry point: errors print as messages (recipe problems with exit code 2), never tracebacks."""
     try:
         app()
     except RecipeError as exc:
@@ -518,6 +567,22 @@ def main() -> None:
             for p in exc.problems:
                 err.print(f"  {p}", markup=False, highlight=False)
         sys.exit(2)
-    except MergerError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
+    except Exception as exc:  # noqa: BLE001 - the one place every other error becomes a message
+        err.print(f"error: {_message(exc)}", markup=False, highlight=False)
         sys.exit(1)
+
+
+def _message(exc: Exception) -> str:
+    """One line for an error: merger's own as it is, a server or file error naming what failed, else its type."""
+    import httpx
+
+    if isinstance(exc, MergerError):
+        return str(exc)
+    if isinstance(exc, httpx.TransportError):
+        url = exc.request.url
+        return f"cannot reach the server at {url.scheme}://{url.netloc.decode()} ({type(exc).__name__}: {exc or 'no answer'})"
+    if isinstance(exc, httpx.HTTPError):
+        return f"the server answered badly ({type(exc).__name__}: {exc})"
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -154,6 +154,7 @@ class JobRow(Base):
     force: Mapped[bool] = mapped_column(Boolean, default=False)
     queue: Mapped[str] = mapped_column(String(20), default="cpu")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow, comment="its last broker message")
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     stage: Mapped[str | None] = mapped_column(String(200))
@@ -188,7 +189,9 @@ def make_sessionmaker(url: str) -> sessionmaker:
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
+    from merger import migrations
+
+    migrations.upgrade(engine)
     return sessionmaker(engine, expire_on_commit=False)
 
 

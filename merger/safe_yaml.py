@@ -72,15 +72,18 @@ def load_untrusted_yaml(text: str, *, source: str) -> Any:
         raise MergerError(f"{source}: not valid YAML: {exc}") from None
 
 
-def load_recipe_file(path: Path, *, max_bytes: int) -> Any:
+def read_recipe_text(path: Path, *, max_bytes: int) -> str:
+    """A recipe file's text; a missing, unreadable, oversized or non-UTF-8 file is an error naming it."""
     try:
         size = path.stat().st_size
+        if size <= max_bytes:
+            return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise MergerError(f"{path}: cannot read recipe: {exc.strerror}") from None
-    if size > max_bytes:
-        raise RecipeError([Problem(str(path), f"recipe is {size} bytes, over the {max_bytes}-byte limit (MERGER_MAX_RECIPE_BYTES)")])
-    try:
-        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError([Problem(str(path), f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})")]) from None
-    return load_recipe_text(text, source=str(path), max_bytes=max_bytes)
+    raise RecipeError([Problem(str(path), f"recipe is {size} bytes, over the {max_bytes}-byte limit (MERGER_MAX_RECIPE_BYTES)")])
+
+
+def load_recipe_file(path: Path, *, max_bytes: int) -> Any:
+    return load_recipe_text(read_recipe_text(path, max_bytes=max_bytes), source=str(path), max_bytes=max_bytes)

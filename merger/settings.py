@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     single_user: bool = Field(default=False, description="Serve without tokens: every request acts as user 'local'")
     lease_seconds: float = Field(default=30.0, description="A running job's lease; renewed every third of it")
     reaper_interval: float = Field(default=10.0, description="How often the API re-enqueues jobs whose lease lapsed")
+    queued_timeout: float = Field(default=600.0, description="A job queued this long is enqueued again (its message may be lost)")
     visibility_timeout: int = Field(default=6 * 3600, description="Redis redelivery timeout; longer than the longest job")
     max_body_bytes: int = Field(default=1024 * 1024, description="Largest request body the API reads (413 beyond)")
 

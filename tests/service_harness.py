@@ -109,3 +109,14 @@ class Service:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill(proc)
+
+
+def restart_redis_empty(proc: subprocess.Popen, url: str, while_down=lambda: None) -> subprocess.Popen:
+    """Kill a private redis-server (SIGKILL: it saves nothing), call ``while_down``, start it again on the same
+    port, empty."""
+    proc.kill()
+    proc.wait()
+    while_down()
+    restarted = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL)
+    wait_for(lambda: redis_answers(url), 10, "the restarted redis-server")
+    return restarted

@@ -292,7 +292,8 @@ def test_api_lists_a_models_evaluations_to_those_who_may_see_it(settings, store,
     from fastapi.testclient import TestClient
 
     from merger.service.api import create_app
-    from merger.service.auth import create_token, grant
+    from merger.access import grant
+    from merger.service.auth import create_token
 
     results = run_recipe(check_recipe(MERGE_THEN_EVALUATE, settings, store, default_name="r"), settings, store)
     merged = results[0].model
@@ -311,7 +312,7 @@ def test_api_lists_a_models_evaluations_to_those_who_may_see_it(settings, store,
 
 
 def test_a_job_that_evaluates_runs_and_lets_its_owner_see_what_it_measured(settings, store, eval_root):
-    from merger.service.auth import can_see
+    from merger.access import can_see
     from merger.service.jobs import Jobs
 
     queued = []

@@ -16,6 +16,7 @@ import yaml
 from merger.errors import RecipeError
 from merger.orchestrator import check_recipe, run_recipe
 from merger.safe_yaml import MAX_DEPTH, load_recipe_file
+from merger.access import grant
 from merger.service.auth import create_token
 from merger.settings import Settings
 from merger.store import Store
@@ -27,13 +28,14 @@ LINEAR = {"merge_method": "linear", "models": [{"model": "llama-ft1", "parameter
 
 
 def start_world(tmp: Path, model_root: Path) -> tuple[Service, SimpleNamespace]:
-    """A live API (no workers) where alice owns `tiny-linear` (a succeeded job of hers, served from the cache) and a
+    """A live API (no workers) where alice owns `tiny-linear` (built here, then a succeeded job of hers, served from the cache) and a
     registered model named UNICODE_NAME; bob has a token and nothing else."""
     settings = Settings(home=tmp / "home", model_roots=[model_root], database_url=None)
     store = Store(settings)
-    run_recipe(check_recipe(LINEAR, settings, store, default_name="tiny-linear"), settings, store)
+    [built] = run_recipe(check_recipe(LINEAR, settings, store, default_name="tiny-linear"), settings, store)
     with store.session.begin() as s:
         tokens = {user: create_token(s, user) for user in ("alice", "bob")}
+        grant(s, [built.model.id], "alice", owner=True)  # her job below is a cache hit, which grants reading only
     env = {**os.environ, "MERGER_HOME": str(settings.home), "MERGER_MODEL_ROOTS": str(model_root)}
     env.pop("MERGER_DATABASE_URL", None)
     env.pop("MERGER_BROKER_URL", None)

@@ -1,12 +1,14 @@
-"""API tokens (stored as sha256 hashes). Who may see which model is ``merger.access`` (re-exported here)."""
+"""API tokens (stored as sha256 hashes). Who may see which model is `merger.access`."""
 
 import hashlib
+import re
 import secrets
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from merger.access import can_see, grant, owned_by, owns, visible_to  # noqa: F401 - re-exported for the service
 from merger.db import TokenRow, UserRow, add_unless_exists
+from merger.errors import MergerError
 
 SINGLE_USER = "local"
 
@@ -30,3 +32,26 @@ def create_token(s: Session, user: str) -> str:
 def user_for_token(s: Session, token: str) -> str | None:
     row = s.get(TokenRow, _digest(token))
     return row.user if row else None
+
+
+TOKEN_ID_DIGITS = 12  # a token's id: the first hex digits of its hash (never the token itself)
+
+
+def token_id(row: TokenRow) -> str:
+    return row.sha256[:TOKEN_ID_DIGITS]
+
+
+def list_tokens(s: Session, user: str | None = None) -> list[TokenRow]:
+    query = select(TokenRow).order_by(TokenRow.user, TokenRow.created_at)
+    return list(s.scalars(query if user is None else query.where(TokenRow.user == user)))
+
+
+def revoke_token(s: Session, identifier: str) -> TokenRow:
+    """Delete the token whose id (or a longer prefix of its hash) is ``identifier``; the API refuses it from then on."""
+    if not re.fullmatch(f"[0-9a-f]{{{TOKEN_ID_DIGITS},64}}", identifier):
+        raise MergerError(f"{identifier!r} is not a token id ({TOKEN_ID_DIGITS} or more hex digits, as `merger token list` shows)")
+    rows = list(s.scalars(select(TokenRow).where(TokenRow.sha256.startswith(identifier))))
+    if len(rows) != 1:
+        raise MergerError(f"no token {identifier}" if not rows else f"{identifier} names {len(rows)} tokens; give more digits")
+    s.delete(rows[0])
+    return rows[0]

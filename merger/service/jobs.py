@@ -9,8 +9,10 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from merger.access import grant
 from merger.db import JobRow, utcnow
@@ -18,7 +20,7 @@ from merger.errors import Cancelled, MergerError, RecipeError
 from merger.orchestrator import cached_results, check_recipe, final_model, run_recipe
 from merger.progress import ProgressEvent
 from merger.service.auth import ensure_user
-from merger.service.leases import LeaseKeeper, Leases, make_leases
+from merger.service.leases import DatabaseLeases, LeaseKeeper, Leases, make_leases
 from merger.settings import Settings
 from merger.store import Store
 
@@ -36,6 +38,8 @@ class Jobs:
         self.settings, self.store, self.enqueue, self.live_queues = settings, store, enqueue, live_queues
         self.session = store.session
         self.leases = leases or make_leases(settings, store.session)
+        # the running worker's heartbeat in the job row (with database leases, the lease itself)
+        self.heartbeats = self.leases if isinstance(self.leases, DatabaseLeases) else DatabaseLeases(store.session, settings.lease_seconds)
 
     # --- API side ----------------------------------------------------------------------------------------
 
@@ -84,22 +88,36 @@ class Jobs:
         grant(s, list(owned), user, owner=True)
 
     def reap(self) -> list[str]:
-        """Re-enqueue running jobs whose lease lapsed (their worker died); returns their ids."""
+        """Re-enqueue the jobs that would otherwise wait forever; returns their ids.
+
+        A ``running`` job whose lease and heartbeat have both lapsed lost its worker (it died, or lost the lease
+        and has stopped: its heartbeat goes on until then, so a job never runs twice at once); it goes back to
+        ``queued``, or to ``cancelled`` if a cancel was asked for. A ``queued`` job whose message is older than
+        ``queued_timeout`` may have lost it (a broker restarted empty): it is enqueued again; a duplicate
+        message is harmless, the lease lets one worker run it.
+        """
         with self.session() as s:
             running = list(s.scalars(select(JobRow.id).where(JobRow.state == "running")))
-        requeued = []
-        for job_id in running:
-            if self.leases.held(job_id):
-                continue
-            with self.session.begin() as s:
-                result = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "running")
-                                   .values(state="queued", stage=None, done=0, total=0, worker=None, lease_until=None))
-            if result.rowcount:
-                job = self.get(job_id)
-                LOG.warning("job %s: lease lapsed (worker lost); re-enqueued", job_id)
-                self.enqueue(job_id, job.queue)
-                requeued.append(job_id)
-        return requeued
+        lapsed = [job_id for job_id in running if not self.leases.held(job_id) and not self.heartbeats.held(job_id)]
+        requeued = [job_id for job_id in lapsed if self._requeue(job_id, JobRow.state == "running")]
+        stale = utcnow() - timedelta(seconds=self.settings.queued_timeout)
+        waiting = JobRow.enqueued_at < stale
+        with self.session() as s:
+            lost = list(s.scalars(select(JobRow.id).where(JobRow.state == "queued", waiting)))
+        return requeued + [job_id for job_id in lost if self._requeue(job_id, JobRow.state == "queued", waiting)]
+
+    def _requeue(self, job_id: str, *conditions) -> bool:
+        with self.session.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.cancel_requested.is_(True), *conditions)
+                      .values(state="cancelled", finished_at=utcnow(), worker=None, lease_until=None))
+            result = s.execute(update(JobRow).where(JobRow.id == job_id, *conditions)
+                               .values(state="queued", stage=None, done=0, total=0, worker=None, lease_until=None,
+                                       enqueued_at=utcnow()))
+        if not result.rowcount:
+            return False
+        LOG.warning("job %s: worker or broker message lost; re-enqueued", job_id)
+        self.enqueue(job_id, self.get(job_id).queue)
+        return True
 
     # --- worker side -------------------------------------------------------------------------------------
 
@@ -108,16 +126,23 @@ class Jobs:
         job = self.get(job_id)
         if job is None or job.state in FINAL:
             return
-        with LeaseKeeper(self.leases, job_id, self.settings.lease_seconds) as keeper:
+        with LeaseKeeper(self.leases, job_id, self.settings.lease_seconds, self.heartbeats) as keeper:
             if keeper is None:
                 LOG.info("job %s: another worker holds the lease; leaving it", job_id)
                 return
             with self.session.begin() as s:
+                s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "queued", JobRow.cancel_requested.is_(True))
+                          .values(state="cancelled", finished_at=utcnow()))
                 started = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state == "queued", JobRow.cancel_requested.is_(False))
-                                    .values(state="running", started_at=utcnow(), worker=keeper.holder, attempts=JobRow.attempts + 1))
+                                    .values(state="running", started_at=utcnow(), worker=keeper.holder, attempts=JobRow.attempts + 1,
+                                            lease_until=utcnow() + timedelta(seconds=self.settings.lease_seconds)))
             if not started.rowcount:
                 return
-            self._run(job, keeper)
+            LOG.info("job %s: run started by %s", job_id, keeper.holder)
+            try:
+                self._run(job, keeper)
+            finally:
+                LOG.info("job %s: run ended", job_id)
 
     def _run(self, job: JobRow, keeper: LeaseKeeper) -> None:
         progress = _Progress(self.session, job.id, keeper)
@@ -129,7 +154,7 @@ class Jobs:
                                  should_cancel=progress.should_cancel, **seen)
         except Cancelled:
             if keeper.lost.is_set():
-                LOG.warning("job %s: lease lost; stopped and left it to its new worker", job.id)
+                LOG.warning("job %s: lease lost; stopped, left to the reaper", job.id)
                 return
             self._finish(job.id, keeper, "cancelled")
         except RecipeError as exc:
@@ -143,19 +168,40 @@ class Jobs:
             # the models an evaluate stage named (the owner may read their results); not the parents it compared them with
             evaluated = [subject.model.id for r in results if r.evaluation for subject in r.evaluation.subjects
                          if subject.relation == "evaluated"]
-            with self.session.begin() as s:
-                self._grant(s, job.owner, owned=[r.model.id for r in results if r.model and r.created],
-                            read=[r.model.id for r in results if r.model and not r.created])
-                grant(s, evaluated, job.owner)
+            try:
+                with self.session.begin() as s:
+                    self._grant(s, job.owner, owned=[r.model.id for r in results if r.model and r.created],
+                                read=[r.model.id for r in results if r.model and not r.created])
+                    grant(s, evaluated, job.owner)
+            except SQLAlchemyError:
+                LOG.exception("job %s: could not record its results", job.id)
+                self._finish(job.id, keeper, "failed", error=("internal_error", "the job's results could not be recorded"))
+                return
             final = final_model(results)
             self._finish(job.id, keeper, "succeeded", model_id=final.id if final else None)
 
     def _finish(self, job_id: str, keeper: LeaseKeeper, state: str, *, model_id: str | None = None,
                 error: tuple[str, str] | None = None) -> None:
+        """Record the outcome; if the database refuses it (PostgreSQL takes no NUL in text, say), record a generic
+        failure instead, so the job never stays ``running`` to be re-run forever."""
         code, message = error or (None, None)
+        try:
+            self._record(job_id, keeper, state=state, model_id=model_id, error_code=code,
+                         error_message=message and recordable(message))
+        except (SQLAlchemyError, ValueError):  # ValueError: text the driver cannot encode
+            LOG.exception("job %s: could not record its outcome (%s); recording a generic failure", job_id, state)
+            self._record(job_id, keeper, state="failed", model_id=None, error_code="internal_error",
+                         error_message="the job ended but its outcome could not be recorded; see the worker's log")
+
+    def _record(self, job_id: str, keeper: LeaseKeeper, **values) -> None:
         with self.session.begin() as s:
-            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == keeper.holder, JobRow.state == "running").values(
-                state=state, model_id=model_id, finished_at=utcnow(), error_code=code, error_message=message and message[:4000]))
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == keeper.holder, JobRow.state == "running")
+                      .values(finished_at=utcnow(), **values))
+
+
+def recordable(message: str) -> str:
+    """A message any database stores: NUL and lone surrogates escaped, at most 4,000 characters."""
+    return message.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")[:4000]
 
 
 class _Progress:

@@ -7,6 +7,7 @@ re-enqueue the job. With Redis the lease is a key set with NX and an expiry; wit
 embedded default) it is a conditional UPDATE of the job row.
 """
 
+import logging
 import os
 import socket
 import threading
@@ -19,6 +20,8 @@ from sqlalchemy.orm import sessionmaker
 
 from merger.db import JobRow, as_utc, utcnow
 from merger.settings import Settings
+
+LOG = logging.getLogger(__name__)
 
 # compare-and-renew / compare-and-delete, so a worker never touches a lease someone else took over
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
@@ -36,7 +39,8 @@ class RedisLeases:
     def __init__(self, url: str, seconds: float):
         import redis
 
-        self.client = redis.Redis.from_url(url)
+        # a renewal that hangs on a dead connection must fail before the lease lapses
+        self.client = redis.Redis.from_url(url, socket_timeout=seconds / 3, socket_connect_timeout=seconds / 3)
         self.ms = int(seconds * 1000)
 
     @staticmethod
@@ -93,10 +97,18 @@ def make_leases(settings: Settings, session: sessionmaker) -> Leases:
 
 
 class LeaseKeeper:
-    """Holds a job's lease while the job runs: renews it in a thread; ``lost`` is set if renewal fails."""
+    """Holds a job's lease while the job runs, and keeps a heartbeat in the job's row until the run has stopped.
 
-    def __init__(self, leases: Leases, job_id: str, seconds: float):
+    A thread renews the lease every third of its period; if a renewal fails (Redis restarted empty, or does not
+    answer), ``lost`` is set and the run stops at its next check. With Redis leases the same thread also
+    writes the row's ``lease_until`` (the heartbeat), and goes on writing it after the lease is lost, until the
+    run has really stopped: the reaper re-enqueues a job only when both have lapsed, so a job never runs twice
+    at once, however long its run takes to notice.
+    """
+
+    def __init__(self, leases: Leases, job_id: str, seconds: float, heartbeat: DatabaseLeases | None = None):
         self.leases, self.job_id, self.interval = leases, job_id, seconds / 3
+        self.heartbeat = None if heartbeat is leases else heartbeat
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -110,9 +122,18 @@ class LeaseKeeper:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.interval):
-            if not self.leases.renew(self.job_id, self.holder):
+            if not self.lost.is_set() and not self._succeeds(self.leases.renew, "lease renewal"):
+                LOG.warning("job %s: lease lost; stopping the job", self.job_id)
                 self.lost.set()
-                return
+            if self.heartbeat:
+                self._succeeds(self.heartbeat.renew, "heartbeat")
+
+    def _succeeds(self, step, what: str) -> bool:
+        try:
+            return bool(step(self.job_id, self.holder))
+        except Exception:  # noqa: BLE001 - Redis or the database unreachable
+            LOG.warning("job %s: %s failed", self.job_id, what, exc_info=True)
+            return False
 
     def __exit__(self, *exc) -> None:
         if self._thread.ident is None:  # never acquired
@@ -120,4 +141,6 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join()
         if not self.lost.is_set():
-            self.leases.release(self.job_id, self.holder)
+            self._succeeds(self.leases.release, "releasing the lease")  # an unreleased lease just expires
+        if self.heartbeat:
+            self._succeeds(self.heartbeat.release, "ending the heartbeat")  # the run has stopped: the reaper may act
