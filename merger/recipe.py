@@ -335,14 +335,14 @@ def check_merge_config(raw: Any, loc: tuple) -> list[Problem]:
 
 # --- mergekit values: dtypes, parameters, tokenizer -----------------------------------------------------
 
-DTYPES = ("bfloat16", "float16", "float32", "float64")  # mergekit's floating-point dtypes (a `torch.` prefix is fine)
+DTYPES = ("bfloat16", "float16", "float32", "float64")  # the floating-point dtypes mergekit merges in and writes
 
 
 def _dtype_problems(raw: dict, loc: tuple) -> list[Problem]:
     return [
         Problem(format_loc(loc + (key,)), f"unknown dtype {raw[key]!r}; allowed: {', '.join(DTYPES)}")
         for key in ("dtype", "out_dtype")
-        if raw.get(key) is not None and (not isinstance(raw[key], str) or raw[key].removeprefix("torch.") not in DTYPES)
+        if raw.get(key) is not None and (not isinstance(raw[key], str) or raw[key] not in DTYPES)
     ]
 
 
@@ -747,9 +747,8 @@ def recipe_json_schema() -> dict:
         defs[reference] = {
             "anyOf": [{"type": "string", "description": "path, store id or name, stage name, or org/name[@rev]; `model+lora` adds a LoRA"}, defs[reference]]
         }
-    dtypes = [*DTYPES, *(f"torch.{d}" for d in DTYPES)]
     for key in ("dtype", "out_dtype"):
-        mergekit["properties"][key] = {**mergekit["properties"][key], "anyOf": [{"enum": dtypes}, {"type": "null"}]}
+        mergekit["properties"][key] = {**mergekit["properties"][key], "anyOf": [{"enum": list(DTYPES)}, {"type": "null"}]}
     defs["MergeConfiguration"] = {**mergekit, "additionalProperties": False}
     defs["MergeStage"]["properties"]["merge"] = {"$ref": "#/$defs/MergeConfiguration", "description": MergeStage.model_fields["merge"].description}
     seed = {key: defs["MergeStage"]["properties"]["seed"][key] for key in ("type", "minimum", "maximum", "description")}

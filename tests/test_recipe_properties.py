@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 from mergekit.merge_methods.registry import registered_methods
 from safetensors.torch import load_file
@@ -34,54 +34,77 @@ HOSTILE = st.sampled_from([
 ])
 
 
+def sometimes(valid, hostile, one_in: int = 12):
+    """Mostly ``valid``; one draw in ``one_in`` from ``hostile``."""
+    return st.integers(1, one_in).flatmap(lambda i: hostile if i == one_in else valid)  # the simplest draw is valid
+
+
 def valid_value(method: str, name: str):
     rule = parameter_rule(method, name)
     if rule.kind == "boolean":
         return st.booleans()
     if rule.kind == "integer":
         return st.integers(int(rule.low), min(int(rule.high), 20))
-    return st.floats(rule.low, rule.high, exclude_min=rule.low_open) | st.sampled_from([rule.low, rule.high])
+    typical = st.floats(max(rule.low, 0), min(rule.high, 2), exclude_min=rule.low_open and rule.low >= 0)
+    return st.one_of(typical, st.floats(rule.low, rule.high, exclude_min=rule.low_open), st.sampled_from([rule.high, *([] if rule.low_open else [rule.low])]))
 
 
 def setting(method: str, name: str):
     value = valid_value(method, name)
+    if parameter_rule(method, name).kind == "integer":
+        return sometimes(value, HOSTILE)
     gradient = st.lists(value, min_size=1, max_size=4)
-    conditional = st.fixed_dictionaries({"filter": st.sampled_from(["mlp", "self_attn", "*", "embed"]), "value": value | gradient})
-    return st.one_of(value, gradient, st.lists(conditional, min_size=1, max_size=3), conditional, HOSTILE)
+    conditional = st.fixed_dictionaries({"filter": st.sampled_from(["mlp", "self_attn", "embed", "*"]), "value": value | gradient})
+    catch_all = st.fixed_dictionaries({"value": value | gradient})
+    conditionals = st.one_of(st.tuples(st.lists(conditional, min_size=1, max_size=2), st.lists(catch_all, max_size=1)).map(lambda p: p[0] + p[1]),
+                             catch_all.map(lambda c: [c]))
+    return sometimes(st.one_of(value, value, gradient, conditionals, conditional), HOSTILE)
 
 
-def parameters(method: str):
-    names = [p.name for p in METHODS[method].spec.parameters]
-    settings_of = {name: setting(method, name) for name in names} | {"densty": st.just(0.5)}
-    keys = st.lists(st.sampled_from(sorted(settings_of)), unique=True, max_size=4)
-    return keys.flatmap(lambda ks: st.fixed_dictionaries({k: settings_of[k] for k in ks}))
+def parameters(method: str, names: list[str], required: list[str]):
+    """A parameters block: the ``required`` names (almost always), some of ``names``, rarely a misspelt one."""
+    optional = st.lists(st.sampled_from(names), unique=True, max_size=3) if names else st.just([])
+    misspelt = sometimes(st.just([]), st.just(["densty"]), one_in=20)
+    dropped = sometimes(st.just(False), st.just(True), one_in=20)
+    keys = st.tuples(optional, misspelt, dropped).map(lambda p: list(dict.fromkeys(([] if p[2] else required) + p[0] + p[1])))
+    return keys.flatmap(lambda ks: st.fixed_dictionaries({k: setting(method, k) if k != "densty" else st.just(0.5) for k in ks}))
 
 
 @st.composite
-def merge_configs(draw, family=FAMILY):
+def merge_configs(draw, family):
+    """A mergekit config over ``family`` (base first): mostly within the method's contract, with its parameters."""
     method = draw(st.sampled_from(sorted(METHODS)))
-    models = draw(st.lists(st.sampled_from(family), min_size=1, max_size=3, unique=True))
+    spec = METHODS[method].spec
+    base_policy = spec.contract.base.value
+    with_base = draw(sometimes(st.just(base_policy != "ignored"), st.booleans(), one_in=8)) and method != "passthrough"
+    donors = {"nuslerp": 2, "model_stock": 2, "passthrough": 1}.get(method) or (1 if spec.contract.max_inputs == 2 else draw(st.integers(1, 2)))
+    donors = draw(sometimes(st.just(donors), st.integers(1, 2), one_in=10))
+    models = family[1:1 + donors]
+    base = family[0] if with_base else None
+    inputs = ([base] if base and draw(st.booleans()) else []) + models
+    shared = [p.name for p in spec.parameters if p.scope.value == "shared"]
+    per_input = [p.name for p in spec.parameters if p.scope.value != "shared"]
+    needed_shared = [p.name for p in spec.parameters if p.required and p.scope.value == "shared"]
+    needed_per_input = [p.name for p in spec.parameters if p.required and p.scope.value != "shared"]
+    global_weight = bool(needed_per_input) and draw(st.booleans())  # required per-input parameters set once at the top
+    own = lambda: draw(parameters(method, per_input, [] if global_weight else needed_per_input))  # noqa: E731
     config = {"merge_method": method}
-    base = draw(st.sampled_from([None, family[0], *models]))
-    if base is not None:
+    if base:
         config["base_model"] = base
-    if draw(st.booleans()):
-        config["models"] = [{"model": m, **({"parameters": draw(parameters(method))} if draw(st.booleans()) else {})} for m in models]
+    if draw(st.booleans()) or method == "passthrough" and draw(st.booleans()):
+        config["models"] = [{"model": m, "parameters": own()} for m in inputs]
     else:
         cut = draw(st.sampled_from([LAYERS, 1, 2]))
         ranges = [[0, LAYERS]] if cut == LAYERS else [[0, cut], [cut, LAYERS]]
-        config["slices"] = [
-            {"sources": [{"model": m, "layer_range": r, **({"parameters": draw(parameters(method))} if draw(st.booleans()) else {})} for m in models],
-             **({"parameters": draw(parameters(method))} if draw(st.booleans()) else {})}
-            for r in ranges
-        ]
-    if draw(st.booleans()):
-        config["parameters"] = draw(parameters(method))
+        config["slices"] = [{"sources": [{"model": m, "layer_range": r, "parameters": own()} for m in ([base] if base else []) + models]}
+                            for r in ranges]
+    config["parameters"] = draw(parameters(method, shared + per_input, needed_shared + (needed_per_input if global_weight else [])))
     for key in ("dtype", "out_dtype"):
-        dtype = draw(st.sampled_from([None, "bfloat16", "float32", "float16", "float64", "torch.float32", "float33", "int8", "a\x00b"]))
+        dtype = draw(sometimes(st.sampled_from([None, "bfloat16", "float32", "float16", "float64"]),
+                               st.sampled_from(["float33", "int8", "torch.float32", "a\x00b", ""]), one_in=15))
         if dtype is not None:
             config[key] = dtype
-    tokenizer = draw(st.sampled_from([None, "base", "union", family[1], f"{family[1]}+{family[2]}"]))
+    tokenizer = draw(sometimes(st.sampled_from([None, None, "base", "union", family[1]]), st.just(f"{family[1]}+{family[-1]}"), one_in=15))
     if tokenizer is not None:
         config["tokenizer_source"] = tokenizer
     return config
@@ -89,12 +112,13 @@ def merge_configs(draw, family=FAMILY):
 
 @st.composite
 def recipes(draw):
-    first = draw(merge_configs())
-    seed = draw(st.sampled_from([None, 0, 7, MAX_SEED, MAX_SEED + 1, -1, 2**70]))
-    if not draw(st.booleans()):
+    """A plain mergekit config, or two merge stages, the second merging the first's output."""
+    first = draw(merge_configs(FAMILY))
+    seed = draw(sometimes(st.sampled_from([None, 0, 7, MAX_SEED]), st.sampled_from([MAX_SEED + 1, -1, 2**70]), one_in=15))
+    if draw(st.integers(0, 2)):
         return first | ({"seed": seed} if seed is not None else {})
     stage = {"name": "first", "merge": first} | ({"seed": seed} if seed is not None else {})
-    second = draw(merge_configs(family=["gemma3-base", "first", "gemma3-ft2"]))
+    second = draw(merge_configs(["gemma3-base", "first", "gemma3-ft2"]))
     return {"stages": [stage, {"name": "second", "merge": second}]}
 
 
@@ -104,18 +128,23 @@ def workspace(tmp_path_factory, model_root):
     return settings_, Store(settings_)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# no shrinking: each example runs real merges, and the failing recipe is printed as it is
+@settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=recipes())
 def test_a_recipe_is_refused_with_problems_or_runs_to_finite_tensors(workspace, data):
     settings_, store = workspace
+    note(f"recipe: {data!r}")
     try:
         recipe = check_recipe(data, settings_, store, default_name="generated")
     except RecipeError as exc:
+        event("refused")
         assert exc.problems
         for problem in exc.problems:
             assert problem.loc or problem.msg
             assert not UNENCODABLE.search(problem.loc + problem.msg), problem
         return
+    event("ran")
     for result in run_recipe(recipe, settings_, store):  # any exception here is a check validation lacks
         for file in sorted(store.path_of(result.model).glob("*.safetensors")):
             for name, tensor in load_file(file).items():

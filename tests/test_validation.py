@@ -240,7 +240,7 @@ def test_what_mergekit_would_refuse_late_is_refused_now(settings, store, merge, 
     {"merge_method": "linear", "parameters": {"normalize": False}, "models": [{"model": "gemma3-ft1", "parameters": {"weight": 1}}, {"model": "gemma3-ft2", "parameters": {"weight": -0.5}}]},
     {"merge_method": "della", "base_model": "gemma3-base", "models": [{"model": "gemma3-ft1", "parameters": {"weight": "1e-1", "density": [0.5, 0.8], "epsilon": 0.1}}]},
     {"merge_method": "slerp", "base_model": "gemma3-base", "parameters": {"t": [{"filter": "mlp", "value": [0, 1]}, {"value": 1}]},
-     "models": [{"model": "gemma3-base"}, {"model": "gemma3-ft1"}], "dtype": "torch.float32", "seed": 2**32 - 1},
+     "models": [{"model": "gemma3-base"}, {"model": "gemma3-ft1"}], "dtype": "float64", "seed": 2**32 - 1},
 ])
 def test_values_at_their_bounds_are_valid(settings, store, merge):
     check_recipe(merge, settings, store, default_name="ok")
