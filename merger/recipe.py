@@ -77,7 +77,7 @@ class AdapterInput(_Strict):
 
 class Combination(_Strict):
     type: Literal[COMBINATIONS] = Field(default="cat", description="PEFT add_weighted_adapter combination type")  # type: ignore[valid-type]
-    density: float | None = Field(default=None, gt=0, le=1, description="Fraction kept (ties, dare_*, magnitude_prune)")
+    density: float | None = Field(default=None, ge=1e-6, le=1, description="Fraction kept (ties, dare_*, magnitude_prune); DARE divides by it")
     svd_rank: int | None = Field(default=None, gt=0, description="Rank of *_svd results; default: the largest input rank")
     majority_sign_method: Literal["total", "frequency"] = "total"
 
@@ -335,15 +335,22 @@ def check_merge_config(raw: Any, loc: tuple) -> list[Problem]:
 
 # --- mergekit values: dtypes, parameters, tokenizer -----------------------------------------------------
 
-DTYPES = ("bfloat16", "float16", "float32", "float64")  # the floating-point dtypes mergekit merges in and writes
+DTYPES = {  # the floating-point dtypes mergekit merges in (dtype) and writes (out_dtype)
+    "dtype": ("bfloat16", "float32", "float64"),  # float16 makes mergekit's small constants (1e-6 ... 1e-8) 0, and 0/0 NaN
+    "out_dtype": ("bfloat16", "float16", "float32", "float64"),
+}
 
 
 def _dtype_problems(raw: dict, loc: tuple) -> list[Problem]:
-    return [
-        Problem(format_loc(loc + (key,)), f"unknown dtype {raw[key]!r}; allowed: {', '.join(DTYPES)}")
-        for key in ("dtype", "out_dtype")
-        if raw.get(key) is not None and (not isinstance(raw[key], str) or raw[key] not in DTYPES)
-    ]
+    problems = []
+    for key, allowed in DTYPES.items():
+        value = raw.get(key)
+        if value == "float16" and key == "dtype":
+            problems.append(Problem(format_loc(loc + (key,)), "merging in float16 makes NaN where mergekit divides by its small constants: "
+                                    "merge in float32 or bfloat16 and write float16 with out_dtype: float16"))
+        elif value is not None and value not in allowed:
+            problems.append(Problem(format_loc(loc + (key,)), f"unknown dtype {value!r}; allowed: {', '.join(allowed)}"))
+    return problems
 
 
 MAX_PAD_TO_MULTIPLE = 1024
@@ -747,8 +754,8 @@ def recipe_json_schema() -> dict:
         defs[reference] = {
             "anyOf": [{"type": "string", "description": "path, store id or name, stage name, or org/name[@rev]; `model+lora` adds a LoRA"}, defs[reference]]
         }
-    for key in ("dtype", "out_dtype"):
-        mergekit["properties"][key] = {**mergekit["properties"][key], "anyOf": [{"enum": list(DTYPES)}, {"type": "null"}]}
+    for key, allowed in DTYPES.items():
+        mergekit["properties"][key] = {**mergekit["properties"][key], "anyOf": [{"enum": list(allowed)}, {"type": "null"}]}
     defs["MergeConfiguration"] = {**mergekit, "additionalProperties": False}
     defs["MergeStage"]["properties"]["merge"] = {"$ref": "#/$defs/MergeConfiguration", "description": MergeStage.model_fields["merge"].description}
     seed = {key: defs["MergeStage"]["properties"]["seed"][key] for key in ("type", "minimum", "maximum", "description")}

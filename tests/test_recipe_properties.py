@@ -3,8 +3,9 @@
 Hypothesis writes mergekit configs over the tiny test models: every merge method, models or slices, parameters
 at every level (top, per model, per slice and source) as values, gradients or ``{filter, value}`` conditionals,
 valid values and hostile ones (NaN, inf, 1e308, words, booleans, nesting, NUL, lone surrogates), dtypes, seeds,
-tokenizer sources, and sometimes a second stage that merges the first. Validation must see every reason a run
-would fail: a validated recipe that then fails, or makes a NaN or inf, is a bug in the checks.
+tokenizer sources; sometimes a second stage that merges the first, or an adapters stage (fold or any PEFT
+combination, with hostile weights and densities) before it. Validation must see every reason a run would fail:
+a validated recipe that then fails, or makes a NaN or inf, is a bug in the checks.
 ``MERGER_RECIPE_EXAMPLES`` raises the number of examples (default 40) to hunt for more.
 """
 
@@ -19,12 +20,14 @@ from safetensors.torch import load_file
 
 from merger.errors import UNENCODABLE, RecipeError
 from merger.orchestrator import check_recipe, run_recipe
-from merger.recipe import MAX_SEED, parameter_rule
+from merger.recipe import COMBINATIONS, DENSITY_COMBINATIONS, MAX_SEED, SCALE_BOUND, parameter_rule
 from merger.settings import Settings
 from merger.store import Store
+from tests.tiny_models import make_lora
 
 METHODS = {m.spec.name: m for m in registered_methods()}
 FAMILY = ["gemma3-base", "gemma3-ft1", "gemma3-ft2"]
+LORAS = {"lora-r4": dict(seed=1, r=4), "lora-r8": dict(seed=2, r=8, alpha=4, targets=("q_proj", "up_proj"))}  # on gemma3-base
 LAYERS = 4  # tiny_models.tiny_config
 EXAMPLES = int(os.environ.get("MERGER_RECIPE_EXAMPLES", "40"))
 
@@ -100,8 +103,8 @@ def merge_configs(draw, family):
                             for r in ranges]
     config["parameters"] = draw(parameters(method, shared + per_input, needed_shared + (needed_per_input if global_weight else [])))
     for key in ("dtype", "out_dtype"):
-        dtype = draw(sometimes(st.sampled_from([None, "bfloat16", "float32", "float16", "float64"]),
-                               st.sampled_from(["float33", "int8", "torch.float32", "a\x00b", ""]), one_in=15))
+        dtype = draw(sometimes(st.sampled_from([None, "bfloat16", "float32", "float64", *(["float16"] if key == "out_dtype" else [])]),
+                               st.sampled_from(["float33", "int8", "torch.float32", "float16", "a\x00b", ""]), one_in=15))
         if dtype is not None:
             config[key] = dtype
     tokenizer = draw(sometimes(st.sampled_from([None, None, "base", "union", family[1]]), st.just(f"{family[1]}+{family[-1]}"), one_in=15))
@@ -111,25 +114,52 @@ def merge_configs(draw, family):
 
 
 @st.composite
+def adapters_specs(draw):
+    """Fold LoRA adapters into gemma3-base, or combine them (any PEFT combination), with merger's own fields."""
+    weight = st.floats(-2, 2) | st.sampled_from([SCALE_BOUND, -SCALE_BOUND])
+    paths = draw(st.lists(st.sampled_from(sorted(LORAS)), min_size=1, max_size=2, unique=True))
+    spec = {"base": "gemma3-base", "mode": draw(st.sampled_from(["fold", "combine"])),
+            "adapters": [{"path": path, "weight": draw(sometimes(weight, HOSTILE))} for path in paths]}
+    if spec["mode"] == "fold" and draw(st.booleans()):
+        spec["dtype"] = draw(sometimes(st.sampled_from(["bfloat16", "float16", "float32"]), st.sampled_from(["float33", "int8"])))
+    if spec["mode"] == "combine" and draw(st.booleans()):
+        kind = draw(st.sampled_from(COMBINATIONS))
+        spec["combination"] = {"type": kind}
+        if kind in DENSITY_COMBINATIONS or draw(st.booleans()):
+            spec["combination"]["density"] = draw(sometimes(st.floats(0, 1, exclude_min=True), HOSTILE))
+    return spec
+
+
+@st.composite
 def recipes(draw):
-    """A plain mergekit config, or two merge stages, the second merging the first's output."""
-    first = draw(merge_configs(FAMILY))
+    """A plain mergekit config; two merge stages, the second merging the first's output; or an adapters stage
+    (folded adapters are then merged)."""
     seed = draw(sometimes(st.sampled_from([None, 0, 7, MAX_SEED]), st.sampled_from([MAX_SEED + 1, -1, 2**70]), one_in=15))
-    if draw(st.integers(0, 2)):
-        return first | ({"seed": seed} if seed is not None else {})
-    stage = {"name": "first", "merge": first} | ({"seed": seed} if seed is not None else {})
+    seeded = {"seed": seed} if seed is not None else {}
+    form = draw(st.sampled_from(["plain", "two merges", "adapters"]))
+    if form == "plain":
+        return draw(merge_configs(FAMILY)) | seeded
+    if form == "two merges":
+        first = {"name": "first", "merge": draw(merge_configs(FAMILY))} | seeded
+    else:
+        first = {"name": "first", "adapters": draw(adapters_specs())} | seeded
+        if first["adapters"]["mode"] == "combine":
+            return {"stages": [first]}
     second = draw(merge_configs(["gemma3-base", "first", "gemma3-ft2"]))
-    return {"stages": [stage, {"name": "second", "merge": second}]}
+    return {"stages": [first, {"name": "second", "merge": second}]}
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, model_root):
-    settings_ = Settings(home=tmp_path_factory.mktemp("home"), model_roots=[model_root], database_url=None)
+    adapters = tmp_path_factory.mktemp("adapters")
+    for name, options in LORAS.items():
+        make_lora(model_root / "gemma3-base", adapters / name, **options)
+    settings_ = Settings(home=tmp_path_factory.mktemp("home"), model_roots=[model_root, adapters], database_url=None)
     return settings_, Store(settings_)
 
 
-# no shrinking: each example runs real merges, and the failing recipe is printed as it is
-@settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+# no shrinking (each example runs real merges) and no example database: a failing recipe is printed as it is
+@settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate], database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=recipes())
 def test_a_recipe_is_refused_with_problems_or_runs_to_finite_tensors(workspace, data):
@@ -146,6 +176,6 @@ def test_a_recipe_is_refused_with_problems_or_runs_to_finite_tensors(workspace, 
         return
     event("ran")
     for result in run_recipe(recipe, settings_, store):  # any exception here is a check validation lacks
-        for file in sorted(store.path_of(result.model).glob("*.safetensors")):
+        for file in sorted(store.path_of(result.model).glob("*.safetensors")):  # a model's or an adapter's
             for name, tensor in load_file(file).items():
                 assert torch.isfinite(tensor).all(), f"{result.stage}: {name} in {file.name} is not finite"

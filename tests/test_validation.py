@@ -113,7 +113,7 @@ BAD_VALUES = {
 
 BAD_VALUES_EXPECTED = {
     "stages[0].seed": "less than or equal to 4294967295",
-    "stages[0].merge.dtype": "unknown dtype 'float33'; allowed: bfloat16, float16, float32, float64",
+    "stages[0].merge.dtype": "unknown dtype 'float33'; allowed: bfloat16, float32, float64",
     "stages[0].merge.out_dtype": "unknown dtype 'int8'",
     "stages[0].merge.models[0].parameters.weight": "'heavy' is not a number",
     "stages[0].merge.models[1].parameters.weight[1]": "'x' is not a number",
