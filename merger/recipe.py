@@ -366,7 +366,8 @@ def _tokenizer_problems(raw: dict, loc: tuple) -> list[Problem]:
     pad = tokenizer.get("pad_to_multiple_of")
     if isinstance(pad, int) and not isinstance(pad, bool) and not 1 <= pad <= MAX_PAD_TO_MULTIPLE:
         problems.append(Problem(format_loc(loc + ("tokenizer", "pad_to_multiple_of")), f"must be from 1 to {MAX_PAD_TO_MULTIPLE}: the vocabulary is padded to a multiple of it"))
-    for token, embedding in (tokenizer.get("tokens") or {}).items() if isinstance(tokenizer.get("tokens"), dict) else ():
+    tokens = tokenizer.get("tokens")
+    for token, embedding in tokens.items() if isinstance(tokens, dict) else ():
         where = loc + ("tokenizer", "tokens", token)
         if isinstance(token, str) and not token.strip():
             problems.append(Problem(format_loc(where), "a token is non-blank text"))
@@ -391,18 +392,22 @@ class ParameterRule:
     def interval(self) -> str:
         return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
 
+    @property
+    def noun(self) -> str:
+        return f"{'an' if self.kind == 'integer' else 'a'} {self.kind}"
+
     def problem(self, spec: ParameterSpec, value: Any) -> tuple[Any, str | None]:
         """(the value as mergekit reads it, why it is refused or None)."""
         if self.kind != "boolean" and isinstance(value, bool):
-            return None, f"must be a{'n' if self.kind == 'integer' else ''} {self.kind}, not {str(value).lower()}"
+            return None, f"must be {self.noun}, not {str(value).lower()}"
         try:
             checked = spec.validate(value)
         except (ValidationError, ValueError, TypeError, OverflowError):
-            return None, f"{value!r} is not a{'n' if self.kind == 'integer' else ''} {self.kind}"
+            return None, f"{value!r} is not {self.noun}"
         if self.kind == "boolean":
             return checked, None
         if checked is None:
-            return None, f"must be a{'n' if self.kind == 'integer' else ''} {self.kind}"
+            return None, f"must be {self.noun}"
         if not math.isfinite(checked):
             return None, f"{value!r} is not a finite number; {spec.name} ({self.meaning}) is in {self.interval}"
         if checked < self.low or checked > self.high or (self.low_open and checked == self.low):
@@ -514,7 +519,7 @@ def _values_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: 
 
 def _scalar_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
     if not isinstance(value, (bool, int, float, str)):
-        yield loc, f"must be a{'n' if rule.kind == 'integer' else ''} {rule.kind}" + (" (a gradient is a flat list of values)" if isinstance(value, (list, dict)) else "")
+        yield loc, f"must be {rule.noun}" + (" (a gradient is a flat list of values)" if isinstance(value, (list, dict)) else "")
         return
     _, message = rule.problem(spec, value)
     if message:
