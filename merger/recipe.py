@@ -16,7 +16,7 @@ from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods import registry as merge_methods
 from mergekit.merge_methods.base import BasePolicy, MergeMethod, ParameterScope, ParameterSpec
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from merger.errors import UNENCODABLE, Problem, RecipeError, format_loc
 from merger.gguf_tools import GGUF_TYPES

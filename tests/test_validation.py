@@ -208,7 +208,7 @@ def test_required_parameters_of_every_method(settings, store):
         problems = _problems(recipe, settings, store)
         for spec in specs:
             where = "parameters" if spec.scope == ParameterScope.SHARED else "models[1].parameters"
-            assert f"needs" in problems.get(f"stages[0].merge.{where}.{spec.name}", ""), (name, spec.name, problems)
+            assert "needs" in problems.get(f"stages[0].merge.{where}.{spec.name}", ""), (name, spec.name, problems)
 
 
 @pytest.mark.parametrize("merge, loc, fragment", [
