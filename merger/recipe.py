@@ -657,13 +657,17 @@ def _weighted_mean_problems(method: str, group: _Group, values: dict) -> list[Pr
     return []
 
 
+FLOAT32_TINY = 2.0**-126  # float32's smallest normal number: a smaller weight may be 0 once mergekit casts it
+
+
 def _zeros(points: list[float]) -> list[tuple[float, float]]:
-    """Where in [0, 1] a gradient of non-negative points (evenly spaced, interpolated linearly) is 0."""
+    """Where in [0, 1] a gradient of non-negative points (evenly spaced, interpolated linearly) is 0 in float32."""
+    zero = [v < FLOAT32_TINY for v in points]
     if len(points) == 1:
-        return [(0.0, 1.0)] if points[0] == 0 else []
+        return [(0.0, 1.0)] if zero[0] else []
     step = 1 / (len(points) - 1)
-    spans = [(i * step, (i + 1) * step) for i, (a, b) in enumerate(zip(points, points[1:])) if a == 0 and b == 0]
-    return spans + [(i * step, i * step) for i, v in enumerate(points) if v == 0]
+    spans = [(i * step, (i + 1) * step) for i, (a, b) in enumerate(zip(zero, zero[1:])) if a and b]
+    return spans + [(i * step, i * step) for i, z in enumerate(zero) if z]
 
 
 def _intersect(spans: list[tuple[float, float]], others: list[tuple[float, float]]) -> list[tuple[float, float]]:

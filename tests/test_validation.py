@@ -223,6 +223,8 @@ def test_required_parameters_of_every_method(settings, store):
      "models[1].parameters.weight", "weights are 0 or more (set normalize: false"),
     ({"merge_method": "linear", "models": [{"model": "gemma3-ft1", "parameters": {"weight": [1, 0, 0]}}, {"model": "gemma3-ft2", "parameters": {"weight": [0, 0, 1]}}]},
      "models", "can be 0 (every weight is 0 at gradient position 0.5)"),
+    ({"merge_method": "linear", "parameters": {"weight": 1e-300}, "models": [{"model": "gemma3-ft1"}]},
+     "models", "can be 0 (every weight is 0 at gradient position 0)"),
     ({"merge_method": "della", "base_model": "gemma3-base", "models": [{"model": "gemma3-ft1", "parameters": {"weight": 1, "density": 0.9}}]},
      "models[0].parameters.density", "with epsilon 0.15, a density below 1 is in (0.15, 0.85)"),
     ({"merge_method": "linear", "tokenizer": {"source": "gemma3-ft1+gemma3-ft2", "pad_to_multiple_of": -8},
