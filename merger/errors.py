@@ -1,12 +1,26 @@
 """Errors that carry every problem found, each with the field path or file it concerns."""
 
+import re
 from dataclasses import dataclass
+
+UNENCODABLE = re.compile("[\x00\ud800-\udfff]")  # NUL (no database text takes it) and lone surrogates (no UTF-8)
+
+
+def escape_unencodable(text: str) -> str:
+    """``text`` with each NUL or lone surrogate written as its escape (``\\x00``, ``\\ud800``)."""
+    return UNENCODABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 @dataclass(frozen=True)
 class Problem:
+    """One problem at a field path; neither may hold a NUL or a lone surrogate (they echo user input)."""
+
     loc: str
     msg: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "loc", escape_unencodable(self.loc))
+        object.__setattr__(self, "msg", escape_unencodable(self.msg))
 
     def __str__(self) -> str:
         return f"{self.loc}: {self.msg}" if self.loc else self.msg

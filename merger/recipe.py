@@ -7,24 +7,32 @@ A recipe is either a plain mergekit merge config (one ``merge`` stage named afte
 ``parse_recipe`` reports every problem at once, each with its field path, as a ``RecipeError``.
 """
 
+import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Iterator, Literal, Union
 
+from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods import registry as merge_methods
-from mergekit.merge_methods.base import BasePolicy
+from mergekit.merge_methods.base import BasePolicy, MergeMethod, ParameterScope, ParameterSpec
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from merger.errors import Problem, RecipeError, format_loc
+from merger.errors import UNENCODABLE, Problem, RecipeError, format_loc
 from merger.gguf_tools import GGUF_TYPES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 RANDOMIZED_METHODS = frozenset({"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
+MAX_SEED = 2**32 - 1  # numpy's seed range; mergekit seeds random, numpy and torch with it
+# Parameters that scale tensors (weight, lambda, scale) stay within this magnitude: together with a normalization
+# (at most 1 / float32's epsilon, 2**23) no valid recipe scales an input by more than about 1e13, far from the
+# bf16 / fp32 limit (3.4e38). float16 (limit 65504) has no such margin; see docs/recipes.md.
+SCALE_BOUND = 1000.0
+SEED_DESCRIPTION = f"Random seed, 0 to {MAX_SEED}"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Stage(_Strict):
@@ -42,7 +50,7 @@ class MergeStage(_Stage):
     kind: ClassVar[str] = "merge"
     name: str = Field(pattern=NAME_PATTERN, description="Stage name; later stages and the store refer to it")
     merge: dict[str, Any] = Field(description="A mergekit merge configuration, unchanged")
-    seed: int = Field(default=0, description="Random seed for randomized methods (dare_*, della, breadcrumbs)")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION + ", for randomized methods (dare_*, della, breadcrumbs)")
     _config: MergeConfiguration | None = PrivateAttr(default=None)
 
     @property
@@ -64,12 +72,12 @@ DENSITY_COMBINATIONS = frozenset(c for c in COMBINATIONS if c.startswith(("ties"
 
 class AdapterInput(_Strict):
     path: str = Field(description="A PEFT LoRA adapter: stored id or name, directory under the model roots, org/name[@rev], or an earlier combine stage")
-    weight: float = Field(default=1.0, description="Scales the adapter's update")
+    weight: float = Field(default=1.0, ge=-SCALE_BOUND, le=SCALE_BOUND, description="Scales the adapter's update")
 
 
 class Combination(_Strict):
     type: Literal[COMBINATIONS] = Field(default="cat", description="PEFT add_weighted_adapter combination type")  # type: ignore[valid-type]
-    density: float | None = Field(default=None, gt=0, le=1, description="Fraction kept (ties, dare_*, magnitude_prune)")
+    density: float | None = Field(default=None, ge=1e-6, le=1, description="Fraction kept (ties, dare_*, magnitude_prune); DARE divides by it")
     svd_rank: int | None = Field(default=None, gt=0, description="Rank of *_svd results; default: the largest input rank")
     majority_sign_method: Literal["total", "frequency"] = "total"
 
@@ -103,7 +111,7 @@ class AdaptersStage(_Stage):
     kind: ClassVar[str] = "adapters"
     name: str = Field(pattern=NAME_PATTERN)
     adapters: AdaptersSpec
-    seed: int = Field(default=0, description="Random seed for dare_* combinations")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION + ", for dare_* combinations")
 
 
 
@@ -219,8 +227,9 @@ def draft_recipe(data: Any, *, default_name: str) -> Draft:
     if not isinstance(data, dict):
         draft.problems.append(Problem("", "a recipe is a mapping: a mergekit config or `stages: [...]`"))
         return draft
-    unknown = sorted(set(data) - {"stages"})
-    draft.problems += [Problem(key, "unknown field (a recipe has `stages:`, or is a plain mergekit config)") for key in unknown]
+    unknown = sorted(set(data) - {"stages"}, key=str)
+    draft.problems += [Problem(str(key), "unknown field (a recipe has `stages:`, or is a plain mergekit config)") for key in unknown]
+    draft.problems += [p for key in unknown for p in unencodable_text(data[key], (str(key),))]
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
         draft.problems.append(Problem("stages", "must be a non-empty list of stages"))
@@ -236,10 +245,33 @@ def draft_recipe(data: Any, *, default_name: str) -> Draft:
         elif name:
             seen[name] = i
         stage, stage_problems = _parse_stage(raw, loc)
-        draft.problems += stage_problems
-        if stage is not None:
+        text_problems = unencodable_text(raw, loc)
+        draft.problems += stage_problems + text_problems
+        if stage is not None and not text_problems:  # such text never reaches a file system or a database
             draft.stages.append((i, stage))
     return draft
+
+
+def unencodable_text(value: Any, loc: tuple) -> list[Problem]:
+    """A problem for each key or string, at any depth, that holds a NUL character or a lone surrogate."""
+    problems, pending = [], [(value, loc)]
+    while pending:  # a loop, not recursion: nesting depth is the input's choice
+        item, where = pending.pop()
+        if isinstance(item, str) and UNENCODABLE.search(item):
+            problems.append(Problem(format_loc(where), f"{_unencodable_kind(item)} in {item!r}"))
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if isinstance(key, str) and UNENCODABLE.search(key):
+                    problems.append(Problem(format_loc(where + (key,)), f"{_unencodable_kind(key)} in this key"))
+                pending.append((sub, where + (key,)))
+        elif isinstance(item, list):
+            pending.extend((sub, where + (i,)) for i, sub in enumerate(item))
+    return sorted(problems, key=lambda p: p.loc)
+
+
+def _unencodable_kind(text: str) -> str:
+    found = {"a NUL character" if c == "\x00" else "a lone surrogate (not valid Unicode)" for c in UNENCODABLE.findall(text)}
+    return " and ".join(sorted(found))
 
 
 def _plain_mergekit_config_as_recipe(config: dict, name: str) -> dict:
@@ -272,10 +304,11 @@ def _parse_stage(raw: Any, loc: tuple) -> tuple[Any, list[Problem]]:
 
 
 def check_merge_config(raw: Any, loc: tuple) -> list[Problem]:
-    """Every problem in a mergekit config: unknown keys, type errors, unknown method or parameters."""
+    """Every problem in a mergekit config: unknown keys, type errors, unknown method, parameters and their values,
+    dtypes, the method's inputs and required parameters, tokenizer settings."""
     if not isinstance(raw, dict):
         return []  # the stage schema reports it
-    problems = _unknown_keys(MergeConfiguration, raw, loc)
+    problems = _unknown_keys(MergeConfiguration, raw, loc) + _dtype_problems(raw, loc) + _tokenizer_problems(raw, loc)
     method_name = raw.get("merge_method")
     method = None
     if isinstance(method_name, str):
@@ -285,35 +318,391 @@ def check_merge_config(raw: Any, loc: tuple) -> list[Problem]:
             known = ", ".join(sorted(m.spec.name for m in merge_methods.registered_methods()))
             problems.append(Problem(format_loc(loc + ("merge_method",)), f"unknown merge method {method_name!r}; known: {known}"))
     if method is not None:
-        known_params = {p.name for p in method.spec.parameters}
-        for param_loc, params in _parameter_blocks(raw, loc):
-            for key in params:
-                if key not in known_params:
-                    allowed = ", ".join(sorted(known_params)) or "none"
-                    problems.append(Problem(format_loc(param_loc + (key,)), f"unknown parameter for {method_name} (allowed: {allowed})"))
-        if method.spec.contract.base == BasePolicy.REQUIRED and not raw.get("base_model") and "models" in raw:
-            problems.append(Problem(format_loc(loc + ("base_model",)), f"{method_name} needs a base_model"))
+        problems += _parameter_value_problems(method, raw, loc)
     try:
-        MergeConfiguration.model_validate(raw)
+        config = MergeConfiguration.model_validate(raw)
     except ValidationError as exc:
+        config = None
         problems += [Problem(format_loc(loc + tuple(e["loc"])), e["msg"]) for e in exc.errors()]
     except (RuntimeError, ValueError, TypeError) as exc:  # mergekit's own validators raise these directly
+        config = None
         problems.append(Problem(format_loc(loc), str(exc)))
+    if method is not None and config is not None:
+        for group in _groups(config, raw, loc):
+            problems += _group_problems(method, group, loc)
     return _dedupe(problems)
 
 
-def _parameter_blocks(raw: dict, loc: tuple):
-    """(location, mapping) of every ``parameters`` block in a mergekit config."""
+# --- mergekit values: dtypes, parameters, tokenizer -----------------------------------------------------
+
+DTYPES = {  # the floating-point dtypes mergekit merges in (dtype) and writes (out_dtype)
+    "dtype": ("bfloat16", "float32", "float64"),  # float16 makes mergekit's small constants (1e-6 ... 1e-8) 0, and 0/0 NaN
+    "out_dtype": ("bfloat16", "float16", "float32", "float64"),
+}
+
+
+def _dtype_problems(raw: dict, loc: tuple) -> list[Problem]:
+    problems = []
+    for key, allowed in DTYPES.items():
+        value = raw.get(key)
+        if value == "float16" and key == "dtype":
+            problems.append(Problem(format_loc(loc + (key,)), "merging in float16 makes NaN where mergekit divides by its small constants: "
+                                    "merge in float32 or bfloat16 and write float16 with out_dtype: float16"))
+        elif value is not None and value not in allowed:
+            problems.append(Problem(format_loc(loc + (key,)), f"unknown dtype {value!r}; allowed: {', '.join(allowed)}"))
+    return problems
+
+
+MAX_PAD_TO_MULTIPLE = 1024
+
+
+def _tokenizer_problems(raw: dict, loc: tuple) -> list[Problem]:
+    """Tokenizer sources are models (no LoRA), ``union`` or ``base``; padding and token ids in range."""
+    problems = []
+    tokenizer = raw.get("tokenizer") if isinstance(raw.get("tokenizer"), dict) else {}
+    for source, where in ((raw.get("tokenizer_source"), ("tokenizer_source",)), (tokenizer.get("source"), ("tokenizer", "source"))):
+        if isinstance(source, str) and "+" in source:
+            problems.append(Problem(format_loc(loc + where), "a tokenizer source is `union`, `base` or a model, not model+lora (an adapter has no tokenizer of its own)"))
+    pad = tokenizer.get("pad_to_multiple_of")
+    if isinstance(pad, int) and not isinstance(pad, bool) and not 1 <= pad <= MAX_PAD_TO_MULTIPLE:
+        problems.append(Problem(format_loc(loc + ("tokenizer", "pad_to_multiple_of")), f"must be from 1 to {MAX_PAD_TO_MULTIPLE}: the vocabulary is padded to a multiple of it"))
+    tokens = tokenizer.get("tokens")
+    for token, embedding in tokens.items() if isinstance(tokens, dict) else ():
+        where = loc + ("tokenizer", "tokens", token)
+        if isinstance(token, str) and not token.strip():
+            problems.append(Problem(format_loc(where), "a token is non-blank text"))
+        source = embedding.get("source") if isinstance(embedding, dict) else None
+        token_id = source.get("token_id") if isinstance(source, dict) else None
+        if isinstance(token_id, int) and token_id < 0:
+            problems.append(Problem(format_loc(where + ("source", "token_id")), "a token id is 0 or more"))
+    return problems
+
+
+@dataclass(frozen=True)
+class ParameterRule:
+    """What one value of a mergekit parameter may be; ``low``/``high`` bound numbers (``low_open``: ``low`` excluded)."""
+
+    kind: Literal["number", "integer", "boolean"]
+    meaning: str
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+
+    @property
+    def interval(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    @property
+    def noun(self) -> str:
+        return f"{'an' if self.kind == 'integer' else 'a'} {self.kind}"
+
+    def problem(self, spec: ParameterSpec, value: Any) -> tuple[Any, str | None]:
+        """(the value as mergekit reads it, why it is refused or None)."""
+        if self.kind != "boolean" and isinstance(value, bool):
+            return None, f"must be {self.noun}, not {str(value).lower()}"
+        try:
+            checked = spec.validate(value)
+        except (ValidationError, ValueError, TypeError, OverflowError):
+            return None, f"{value!r} is not {self.noun}"
+        if self.kind == "boolean":
+            return checked, None
+        if checked is None:
+            return None, f"must be {self.noun}"
+        if not math.isfinite(checked):
+            return None, f"{value!r} is not a finite number; {spec.name} ({self.meaning}) is in {self.interval}"
+        if checked < self.low or checked > self.high or (self.low_open and checked == self.low):
+            return None, f"{value!r} is out of range: {spec.name} ({self.meaning}) is in {self.interval}"
+        return checked, None
+
+
+def _scale(meaning: str) -> ParameterRule:
+    return ParameterRule("number", meaning, -SCALE_BOUND, SCALE_BOUND)
+
+
+def _switch(meaning: str) -> ParameterRule:
+    return ParameterRule("boolean", meaning)
+
+
+# Keyed by mergekit's parameter names (every parameter of every registered method has one; a test checks it).
+PARAMETER_RULES: dict[str, ParameterRule] = {
+    "weight": _scale("the input's weight"),
+    "lambda": _scale("scales the merged task vector"),
+    "scale": _scale("scales the tensor"),
+    "density": ParameterRule("number", "the fraction of each task vector kept", 0, 1, low_open=True),
+    "t": ParameterRule("number", "interpolates from the base (0) to the other model (1)", 0, 1),
+    "gamma": ParameterRule("number", "the fraction of largest-magnitude differences removed", 0, 1),
+    "epsilon": ParameterRule("number", "half the spread of keep probabilities around density", 0, 0.5),
+    "select_topk": ParameterRule("number", "the fraction of highest-variance elements kept", 0, 1, low_open=True),
+    "r": ParameterRule("number", "how much shared elements are rescaled", 0, SCALE_BOUND),
+    "alpha": ParameterRule("number", "the largest overlap ratio counted", 0, SCALE_BOUND),
+    "tol": ParameterRule("number", "the convergence tolerance", 0, 1),
+    "eps": ParameterRule("number", "a small constant that avoids dividing by zero", 0, 1, low_open=True),
+    "max_iter": ParameterRule("integer", "iterations at most", 1, 1000),
+    "normalize": _switch("divide by the sum of the weights"),
+    "normalize_weights": _switch("divide the weights by their sum"),
+    "rescale": _switch("rescale sparsified task vectors to their norm"),
+    "int8_mask": _switch("store masks as int8"),
+    "filter_wise": _switch("per row instead of per tensor"),
+    "nuslerp_row_wise": _switch("interpolate rows instead of columns"),
+    "nuslerp_flatten": _switch("interpolate the flattened tensor"),
+}
+METHOD_PARAMETER_RULES: dict[tuple[str, str], ParameterRule] = {  # where a method gives a name another meaning
+    ("nearswap", "t"): ParameterRule("number", "the similarity threshold: elements closer than t take the other model's value", 0, SCALE_BOUND),
+    ("ram", "epsilon"): ParameterRule("number", "differences at most this large count as zero", 0, SCALE_BOUND),
+    ("ramplus_tl", "epsilon"): ParameterRule("number", "differences at most this large count as zero", 0, SCALE_BOUND),
+}
+# Methods that divide by the sum of the weights, and the boolean parameter that turns it on (None: always)
+WEIGHTED_MEANS: dict[str, str | None] = {"linear": "normalize", "multislerp": None}
+
+
+def parameter_rule(method: str, name: str) -> ParameterRule:
+    return METHOD_PARAMETER_RULES.get((method, name)) or PARAMETER_RULES[name]
+
+
+def _parameter_value_problems(method: MergeMethod, raw: dict, loc: tuple) -> list[Problem]:
+    """Unknown parameters, parameters set where mergekit ignores them, and every value's type and range."""
+    specs = {p.name: p for p in method.spec.parameters}
+    problems = []
+    for param_loc, params, per_input in _parameter_blocks(raw, loc):
+        for key, setting in params.items():
+            where = param_loc + (key,)
+            spec = specs.get(key)
+            if spec is None:
+                allowed = ", ".join(sorted(specs)) or "none"
+                problems.append(Problem(format_loc(where), f"unknown parameter for {method.spec.name} (allowed: {allowed})"))
+                continue
+            if per_input and spec.scope == ParameterScope.SHARED:
+                problems.append(Problem(format_loc(where), f"{key} is one value for all inputs: set it in `parameters` (top level, slice or module); mergekit ignores it here"))
+            for value_loc, message in _setting_problems(spec, parameter_rule(method.spec.name, key), setting, where):
+                problems.append(Problem(format_loc(value_loc), message))
+    return problems
+
+
+def _setting_problems(spec: ParameterSpec, rule: ParameterRule, setting: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+    """A setting is a value, a gradient (a list of values), or one or a list of ``{filter, value}`` conditionals."""
+    conditionals = _conditionals(setting)
+    if conditionals is None:
+        yield from _values_problems(spec, rule, setting, loc)
+        return
+    for i, conditional in conditionals:
+        where = loc if i is None else loc + (i,)
+        for key in conditional.keys() - {"filter", "value"}:
+            yield where + (key,), "unknown field (a conditional value has `filter` and `value`)"
+        if "value" not in conditional:
+            yield where + ("value",), "a conditional needs a value"
+        elif _conditionals(conditional["value"]) is not None:
+            yield where + ("value",), "a conditional's value is a value or a gradient, not another conditional"
+        else:
+            yield from _values_problems(spec, rule, conditional["value"], where + ("value",))
+
+
+def _conditionals(setting: Any) -> list[tuple[int | None, dict]] | None:
+    """The ``{filter, value}`` entries of a setting with their index, or None if it is a value or a gradient."""
+    if isinstance(setting, dict):
+        return [(None, setting)]
+    if isinstance(setting, list) and setting and all(isinstance(c, dict) for c in setting):
+        return list(enumerate(setting))
+    return None
+
+
+def _values_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+    if not isinstance(value, list):
+        yield from _scalar_problems(spec, rule, value, loc)
+        return
+    if not value:
+        yield loc, "an empty gradient: give a value or a list of values"
+    elif rule.kind == "integer" and len(value) > 1:
+        yield loc, f"{spec.name} takes one integer, not a gradient (values between its points would not be integers)"
+    for i, item in enumerate(value):
+        yield from _scalar_problems(spec, rule, item, loc + (i,))
+
+
+def _scalar_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+    if not isinstance(value, (bool, int, float, str)):
+        yield loc, f"must be {rule.noun}" + (" (a gradient is a flat list of values)" if isinstance(value, (list, dict)) else "")
+        return
+    _, message = rule.problem(spec, value)
+    if message:
+        yield loc, message
+
+
+# --- mergekit inputs: each group of tensors merged alike, its inputs and the parameters they get ---------
+
+
+@dataclass
+class _Input:
+    reference: ModelReference
+    loc: tuple  # where its own parameters are (or would be)
+    scopes: list[Any]  # the parameter blocks it reads, highest precedence first: its own, slice, module, top level
+
+
+@dataclass
+class _Group:
+    loc: tuple
+    base: ModelReference | None
+    inputs: list[_Input]
+    shared: list[Any]  # the parameter blocks of one-value-for-all parameters: slice, module, top level
+
+
+def _groups(config: MergeConfiguration, raw: dict, loc: tuple) -> Iterator[_Group]:
+    """The groups mergekit merges (a models list, each slice), as it forms them: a base not among the models joins them."""
+    outer = [raw.get("parameters")]
+    if config.models:
+        yield _models_group(config.models, raw["models"], loc + ("models",), config.base_model, loc + ("base_model",), outer)
+    for i, (out_slice, raw_slice) in enumerate(zip(config.slices or [], raw.get("slices") or [])):
+        yield _slice_group(out_slice, raw_slice, loc + ("slices", i), config.base_model, outer)
+    for name, module in (config.modules or {}).items():
+        raw_module = raw["modules"][name]
+        module_outer = [raw_module.get("parameters"), *outer]
+        where = loc + ("modules", name)
+        if module.models:
+            yield _models_group(module.models, raw_module["models"], where + ("models",), config.base_model, loc + ("base_model",), module_outer)
+        for i, (out_slice, raw_slice) in enumerate(zip(module.slices or [], raw_module.get("slices") or [])):
+            yield _slice_group(out_slice, raw_slice, where + ("slices", i), config.base_model, module_outer)
+
+
+def _models_group(models, raw_models: list, loc: tuple, base: ModelReference | None, base_loc: tuple, outer: list) -> _Group:
+    inputs = [_Input(m.model, loc + (i, "parameters"), [raw_models[i].get("parameters"), *outer]) for i, m in enumerate(models)]
+    if base is not None and all(m.model != base for m in models):
+        inputs.append(_Input(base, base_loc, outer))
+    return _Group(loc, base, inputs, outer)
+
+
+def _slice_group(out_slice, raw_slice: dict, loc: tuple, base: ModelReference | None, outer: list) -> _Group:
+    shared = [raw_slice.get("parameters"), *outer]
+    inputs = [_Input(src.model, loc + ("sources", j, "parameters"), [raw_src.get("parameters"), *shared])
+              for j, (src, raw_src) in enumerate(zip(out_slice.sources, raw_slice["sources"]))]
+    return _Group(loc + ("sources",), out_slice.base_model or base, inputs, shared)
+
+
+def _group_problems(method: MergeMethod, group: _Group, config_loc: tuple) -> list[Problem]:
+    """The method's input contract, its required parameters, and the weights and densities it can divide by."""
+    name = method.spec.name
+    problems = []
+    if group.base is None and method.spec.contract.base == BasePolicy.REQUIRED:
+        problems.append(Problem(format_loc(config_loc + ("base_model",)), f"{name} needs a base_model"))
+    else:
+        try:
+            method.spec.contract.validate_ids([inp.reference for inp in group.inputs], group.base)
+        except ValueError as exc:
+            problems.append(Problem(format_loc(group.loc), f"{name}: {exc}"))
+    values: dict[tuple[str, int | None], list[list] | None] = {}  # (parameter, input index or None) -> alternatives
+    for spec in method.spec.parameters:
+        if spec.scope == ParameterScope.SHARED:
+            alternatives, covered = _candidates(spec, name, group.shared)
+            values[spec.name, None] = alternatives
+            if not covered:
+                problems.append(Problem(format_loc(config_loc + ("parameters", spec.name)), f"{name} needs {spec.name} ({parameter_rule(name, spec.name).meaning})"))
+            continue
+        for i, inp in enumerate(group.inputs):
+            if spec.scope == ParameterScope.NON_BASE and inp.reference == group.base:
+                continue
+            alternatives, covered = _candidates(spec, name, inp.scopes)
+            values[spec.name, i] = alternatives
+            if not covered:
+                who = "every input" + (" but the base" if spec.scope == ParameterScope.NON_BASE else "")
+                problems.append(Problem(format_loc(inp.loc + (spec.name,)), f"{name} needs a {spec.name} for {who}: here or in `parameters`"))
+    return problems + _weighted_mean_problems(name, group, values) + _della_problems(name, group, values)
+
+
+def _candidates(spec: ParameterSpec, method: str, scopes: list[Any]) -> tuple[list[list] | None, bool]:
+    """(every value list the parameter can take for some tensor, whether every tensor gets one).
+
+    Each alternative is a gradient's points (one point for a plain value). Scopes are read in precedence order,
+    as mergekit does; a scope whose conditionals may not match lets the next one apply. None: a value is invalid
+    (reported where it is), so nothing more is checked.
+    """
+    alternatives = []
+    rule = parameter_rule(method, spec.name)
+    for params in scopes:
+        if not isinstance(params, dict) or spec.name not in params:
+            continue
+        setting = params[spec.name]
+        conditionals = _conditionals(setting)
+        entries = [setting] if conditionals is None else [c.get("value") for _, c in conditionals]
+        for entry in entries:
+            points = [rule.problem(spec, v) for v in (entry if isinstance(entry, list) else [entry])]
+            if not points or any(message for _, message in points) or rule.kind == "integer" and len(points) > 1:
+                return None, True
+            alternatives.append([value for value, _ in points])
+        if conditionals is None or any(c.get("filter") in (None, "*") for _, c in conditionals):
+            return alternatives, True
+    if spec.required:
+        return alternatives, False
+    return alternatives + [[spec.validate(spec.default)]], True
+
+
+def _weighted_mean_problems(method: str, group: _Group, values: dict) -> list[Problem]:
+    """A weighted mean divides by the sum of the weights: they must be >= 0 and never all 0 for one tensor."""
+    if method not in WEIGHTED_MEANS:
+        return []
+    switch = WEIGHTED_MEANS[method]
+    if switch is not None and not any(any(alt) for alt in values.get((switch, None)) or []):
+        return []
+    weights = {i: alts for (param, i), alts in values.items() if param == "weight"}
+    if any(alts is None for alts in weights.values()) or not weights:
+        return []
+    mean = f"{method} with {switch}: true" if switch else method
+    problems = [
+        Problem(format_loc(group.inputs[i].loc + ("weight",)), f"{mean} takes a weighted mean: weights are 0 or more" + (f" (set {switch}: false for signed weights)" if switch else ""))
+        for i, alts in weights.items() if any(v < 0 for alt in alts for v in alt)
+    ]
+    if problems:
+        return problems
+    common = [(0.0, 1.0)]
+    for alts in weights.values():
+        common = _intersect(common, [span for alt in alts for span in _zeros(alt)])
+    if common:
+        return [Problem(format_loc(group.loc), f"{mean} divides by the sum of the weights, which can be 0 (every weight is 0 at gradient position {common[0][0]:g})")]
+    return []
+
+
+FLOAT32_TINY = 2.0**-126  # float32's smallest normal number: a smaller weight may be 0 once mergekit casts it
+
+
+def _zeros(points: list[float]) -> list[tuple[float, float]]:
+    """Where in [0, 1] a gradient of non-negative points (evenly spaced, interpolated linearly) is 0 in float32."""
+    zero = [v < FLOAT32_TINY for v in points]
+    if len(points) == 1:
+        return [(0.0, 1.0)] if zero[0] else []
+    step = 1 / (len(points) - 1)
+    spans = [(i * step, (i + 1) * step) for i, (a, b) in enumerate(zip(zero, zero[1:])) if a and b]
+    return spans + [(i * step, i * step) for i, z in enumerate(zero) if z]
+
+
+def _intersect(spans: list[tuple[float, float]], others: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [(max(a, c), min(b, d)) for a, b in spans for c, d in others if max(a, c) <= min(b, d)]
+
+
+def _della_problems(method: str, group: _Group, values: dict) -> list[Problem]:
+    """Methods with both density and epsilon keep elements with probability density ± epsilon, inside (0, 1)."""
+    problems = []
+    for i, inp in enumerate(group.inputs):
+        densities, epsilons = values.get(("density", i)), values.get(("epsilon", i))
+        if not densities or not epsilons:
+            continue
+        epsilon = max(max(alt) for alt in epsilons)
+        for alt in densities:
+            low, high = min(alt), max(alt)
+            if low >= 1:
+                continue  # density 1 keeps everything, whatever epsilon
+            if low <= epsilon or (epsilon > 0 and high + epsilon >= 1):
+                problems.append(Problem(format_loc(inp.loc + ("density",)), f"{method} keeps elements with probability density ± epsilon, inside (0, 1): with epsilon {epsilon:g}, a density below 1 is in ({epsilon:g}, {1 - epsilon:g})"))
+                break
+    return problems
+
+
+def _parameter_blocks(raw: dict, loc: tuple, per_input: bool = False):
+    """(location, mapping, whether it is an input's own) of every ``parameters`` block in a mergekit config."""
     if isinstance(raw.get("parameters"), dict):
-        yield loc + ("parameters",), raw["parameters"]
-    for key in ("models", "slices"):
-        for i, item in enumerate(raw.get(key) or []):
+        yield loc + ("parameters",), raw["parameters"], per_input
+    for key in ("models", "slices", "sources"):
+        items = raw.get(key)
+        for i, item in enumerate(items if isinstance(items, list) else []):
             if isinstance(item, dict):
-                yield from _parameter_blocks(item, loc + (key, i))
-    for i, src in enumerate(raw.get("sources") or []):
-        if isinstance(src, dict):
-            yield from _parameter_blocks(src, loc + ("sources", i))
-    for name, module in (raw.get("modules") or {}).items():
+                yield from _parameter_blocks(item, loc + (key, i), per_input=key != "slices")
+    modules = raw.get("modules")
+    for name, module in (modules.items() if isinstance(modules, dict) else ()):
         if isinstance(module, dict):
             yield from _parameter_blocks(module, loc + ("modules", name))
 
@@ -374,9 +763,11 @@ def recipe_json_schema() -> dict:
         defs[reference] = {
             "anyOf": [{"type": "string", "description": "path, store id or name, stage name, or org/name[@rev]; `model+lora` adds a LoRA"}, defs[reference]]
         }
+    for key, allowed in DTYPES.items():
+        mergekit["properties"][key] = {**mergekit["properties"][key], "anyOf": [{"enum": list(allowed)}, {"type": "null"}]}
     defs["MergeConfiguration"] = {**mergekit, "additionalProperties": False}
     defs["MergeStage"]["properties"]["merge"] = {"$ref": "#/$defs/MergeConfiguration", "description": MergeStage.model_fields["merge"].description}
-    seed = {"type": "integer", "description": MergeStage.model_fields["seed"].description}
+    seed = {key: defs["MergeStage"]["properties"]["seed"][key] for key in ("type", "minimum", "maximum", "description")}
     plain = {**defs["MergeConfiguration"], "title": "Plain mergekit config", "properties": {**mergekit["properties"], "seed": seed}}
     staged = {key: schema.pop(key) for key in ("properties", "required", "type", "additionalProperties") if key in schema}
     schema["oneOf"] = [{"title": "Staged recipe", **staged}, plain]

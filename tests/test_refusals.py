@@ -59,7 +59,7 @@ def _escapes(outside, model_root):
 
 
 PATH_FIELDS = {
-    "models[].model": lambda p: {"merge_method": "linear", "models": [{"model": "llama-ft1"}, {"model": p}]},
+    "models[].model": lambda p: {"merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": "llama-ft1"}, {"model": p}]},
     "base_model": lambda p: {"merge_method": "task_arithmetic", "base_model": p, "models": [{"model": "llama-ft1", "parameters": {"weight": 1.0}}]},
     "slices[].sources[].model": lambda p: {"merge_method": "passthrough", "slices": [{"sources": [{"model": p, "layer_range": [0, 2]}]}]},
     "lora": lambda p: {"merge_method": "linear", "models": [{"model": f"llama-ft1+{p}", "parameters": {"weight": 1.0}}]},
