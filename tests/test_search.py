@@ -1,0 +1,190 @@
+"""The search stage: an honest split (test lines never scored during the search), a written recipe that
+rebuilds the result byte for byte, reproducible for a seed; and, on the real fixtures, the goal itself."""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import merger.search.learned as learned
+import merger.search.scoring as scoring
+import merger.search.session as session
+import merger.stages.search as search_stage
+from merger.errors import RecipeError
+from merger.orchestrator import check_recipe, rebuild, run_recipe
+from merger.search.split import parse_lines
+from tests.tiny_models import make_lora
+
+TEST_LINES = "1-6"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def search_inputs(model_root):
+    """Two LoRA adapters for llama-base and two prompt/answer task files of 16 lines each."""
+    for name, seed, targets in (("search-lora-a", 11, ("q_proj", "v_proj", "down_proj")), ("search-lora-b", 12, ("q_proj", "up_proj"))):
+        if not (model_root / name).exists():
+            make_lora(model_root / "llama-base", model_root / name, seed=seed, targets=targets)
+    rng = random.Random(0)
+    for task in ("task-a", "task-b"):
+        lines = []
+        for _ in range(16):
+            prompt = " ".join(f"w{rng.randrange(4, 64)}" for _ in range(rng.randrange(3, 7)))
+            answer = " " + " ".join(f"w{rng.randrange(4, 64)}" for _ in range(1 if task == "task-a" else 3))
+            lines.append(json.dumps({"prompt": prompt, "answer": answer}))
+        (model_root / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+    return model_root
+
+
+def search_recipe(seed: int = 0, steps: int = 4) -> dict:
+    return {"stages": [{"name": "searched", "seed": seed, "search": {
+        "base": "llama-base", "adapters": [{"path": "search-lora-a", "weight": 0.5}, {"path": "search-lora-b", "weight": 1.0}],
+        "tasks": ["task-a.jsonl", "task-b.jsonl"], "test_lines": TEST_LINES,
+        "learned": {"examples_per_step": 4, "learning_rate": 0.1, "check_every": 2}, "budget": {"steps": steps}}}]}
+
+
+def run(recipe, settings, store, **options):
+    return run_recipe(check_recipe(recipe, settings, store, default_name="r"), settings, store, **options)
+
+
+def test_test_lines_are_never_scored_during_the_search(settings, store, search_inputs, monkeypatch):
+    """Every teacher-forced pass (training and choosing) and every greedy generation is recorded."""
+    scored, generated, searching = [], [], [False]
+    passes, generation = scoring.answer_logprobs, session.generation_accuracy
+    learn = learned.learn
+
+    def recording_pass(model, batch):
+        scored.extend((e.task, e.line) for e in batch.examples)
+        return passes(model, batch)
+
+    def recording_generation(lm, examples, **kw):
+        generated.append((searching[0], [e.prompt for e in examples]))
+        return generation(lm, examples, **kw)
+
+    def marked_learn(*args, **kw):
+        searching[0] = True
+        try:
+            return learn(*args, **kw)
+        finally:
+            searching[0] = False
+
+    monkeypatch.setattr(scoring, "answer_logprobs", recording_pass)
+    monkeypatch.setattr(session, "generation_accuracy", recording_generation)
+    monkeypatch.setattr(search_stage, "generation_accuracy", recording_generation)
+    monkeypatch.setattr(learned, "learn", marked_learn)
+
+    [result] = run(search_recipe(), settings, store)
+
+    test = parse_lines(TEST_LINES)
+    assert scored and not {line for _, line in scored} & test
+    assert {task for task, _ in scored} == {0, 1}
+    assert {line for _, line in scored} == set(range(1, 17)) - test  # every search line was used
+    test_prompts = {json.loads(line)["prompt"] for task in ("task-a", "task-b")
+                    for n, line in enumerate((search_inputs / f"{task}.jsonl").read_text().splitlines(), start=1) if n in test}
+    assert generated and not any(during for during, _ in generated)  # greedy checks only after the search
+    assert {p for _, prompts in generated for p in prompts} == test_prompts
+    record = result.model.origin["search"]
+    assert [row["model"] for row in record["test_table"]] == ["llama-base + search-lora-a", "llama-base + search-lora-b", "start", "found"]
+    assert record["steps"] == 4 and [c["step"] for c in record["history"]] == [0, 2, 4]
+
+
+def test_written_recipe_rebuilds_the_result_byte_for_byte(settings, store, search_inputs):
+    [searched] = run(search_recipe(), settings, store)
+    model = searched.model
+    written = model.recipe
+    assert written["merge"]["merge_method"] == "task_arithmetic" and "search" not in written
+
+    [again] = run({"stages": [written]}, settings, store)  # `merger run` of the written recipe
+    assert not again.cache_hit and again.model.id == model.id
+    assert rebuild(model, settings, store).identical
+
+    # the per-tensor weights are the coefficients: base + sum of c * (the adapter's update), for every targeted tensor
+    base = load_file(search_inputs / "llama-base" / "model.safetensors")
+    out = load_file(store.path_of(model) / "model.safetensors")
+    expected = {name: w.float() for name, w in base.items()}
+    from merger.lora import LoadedAdapter
+
+    for spec in written["merge"]["models"]:
+        adapter_dir = search_inputs / spec["model"].split("+", 1)[1]
+        adapter = LoadedAdapter.load(adapter_dir, json.loads((adapter_dir / "adapter_config.json").read_text()))
+        weights = {c["filter"]: c["value"] for c in spec["parameters"]["weight"] if "filter" in c}
+        assert set(weights) == set(adapter.modules)
+        for name in adapter.modules:
+            expected[name] += weights[name] * adapter.update_for(name)
+    assert len({c["value"] for s in written["merge"]["models"] for c in s["parameters"]["weight"]}) > 4  # learned, not uniform
+    for name, tensor in out.items():
+        torch.testing.assert_close(tensor.float(), expected[name].to(tensor.dtype).float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_same_seed_same_model(settings, store, search_inputs):
+    [first] = run(search_recipe(seed=3), settings, store)
+    [second] = run(search_recipe(seed=3), settings, store, force=True)
+    assert not second.cache_hit and second.model.id == first.model.id
+
+
+def test_bad_search_recipes_name_every_problem(settings, store, search_inputs):
+    recipe = search_recipe()
+    recipe["stages"][0]["search"] |= {"tasks": ["task-a.jsonl", "missing.jsonl"], "adapters": [{"path": "llama-ft1"}]}
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(recipe, settings, store, default_name="r")
+    locs = {p.loc for p in caught.value.problems}
+    assert {"stages[0].search.tasks[1]", "stages[0].search.adapters[0].path"} <= locs
+
+    recipe = search_recipe()
+    recipe["stages"][0]["search"]["test_lines"] = "1-16"  # nothing left to search on
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(recipe, settings, store, default_name="r")
+    assert any(p.loc == "stages[0].search.tasks[0]" and "left for the search" in p.msg for p in caught.value.problems)
+
+    recipe = search_recipe()
+    recipe["stages"][0]["search"]["test_lines"] = "50-1"
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(recipe, settings, store, default_name="r")
+    assert [p.loc for p in caught.value.problems] == ["stages[0].search"]
+
+
+# --- the real fixtures ----------------------------------------------------------------------------------------
+
+FIXTURES = Path(os.environ.get("MERGER_FIXTURES", REPO.parent / "shared" / "fixtures"))
+GEMMA_HOME = os.environ.get("MERGER_HOME")  # read before the fixtures point MERGER_HOME at a temporary store
+
+
+def _stored_gemma():
+    if not GEMMA_HOME or not (FIXTURES / "adapters" / "json").is_dir():
+        return None
+    from merger.settings import Settings
+    from merger.store import Store
+
+    home = Store(Settings(home=GEMMA_HOME))
+    model = home.find("gemma-3-270m", stored_only=True)
+    return (model, home.path_of(model)) if model else None
+
+
+@pytest.mark.slow
+def test_search_keeps_both_fixture_skills_on_lines_it_never_saw(tmp_path, monkeypatch):
+    """Gemma 3 270M + the sentiment and json adapters: at least 95% of each parent's accuracy on test lines 1-50."""
+    found = _stored_gemma()
+    if found is None:
+        pytest.skip("needs the fixtures (MERGER_FIXTURES) and MERGER_HOME holding gemma-3-270m (merger import-gguf)")
+    gemma, gemma_dir = found
+    monkeypatch.setenv("MERGER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGER_MODEL_ROOTS", str(FIXTURES))
+    from merger.settings import Settings
+    from merger.store import Store
+
+    settings = Settings()
+    store = Store(settings)
+    with store.staging() as staged:  # the same bytes, under the name and Hub id the adapters were made for
+        shutil.copytree(gemma_dir, staged / "gemma", copy_function=os.link)
+        store.publish(staged / "gemma", name="gemma-3-270m", origin=gemma.origin)
+    recipe = {"stages": [{"name": "both-tasks", "search": {
+        "base": "gemma-3-270m", "adapters": [{"path": "adapters/sentiment", "weight": 0.25}, {"path": "adapters/json", "weight": 1.0}],
+        "tasks": ["tasks/sentiment.jsonl", "tasks/json.jsonl"], "test_lines": "1-50"}}]}
+    [result] = run(recipe, settings, store)
+    record = result.model.origin["search"]
+    assert all(kept >= 0.95 for kept in record["kept"]), record["test_table"]
