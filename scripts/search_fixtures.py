@@ -41,9 +41,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=LearnOptions.minutes)
     parser.add_argument("--check-every", type=int, default=LearnOptions.check_every)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); on a loaded machine 1 can be faster")
     parser.add_argument("--out", type=Path, help="write the found coefficients (per adapter, per weight) here")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     store = Store(Settings())
     base = store.resolve(args.base)
     print(f"load average at start: {os.getloadavg()}; torch threads: {torch.get_num_threads()}", flush=True)

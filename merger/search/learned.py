@@ -94,12 +94,18 @@ def learn(mixture: LoraMixture, train: list[list[Encoded]], choose: list[Encoded
         step += 1
         mixture.model.train(False)
         optimizer.zero_grad()
-        loss = answer_nll(mixture.model, make_batch(draw(options.examples_per_step), pad_id))
-        loss.backward()
+        drawn = draw(options.examples_per_step)
+        loss = 0.0
+        for t in range(tasks):  # one pass per task: similar lengths, little padding; the gradients add up
+            group = [e for e in drawn if e.task == t]
+            if group:
+                part = answer_nll(mixture.model, make_batch(group, pad_id)) * (len(group) / len(drawn))
+                part.backward()
+                loss += float(part.detach())
         optimizer.step()
         latest = None
         if step % options.check_every == 0 or step == options.steps:
-            latest = checkpoint(step, float(loss))
+            latest = checkpoint(step, loss)
             history.append(latest)
             if latest.objective > best.objective:
                 best, best_values = latest, mixture.coefficients.detach().clone()

@@ -75,7 +75,7 @@ def written_stage(stage: SearchStage, coefficients: list[dict[str, float]], out_
     for adapter, values in zip(spec.adapters, coefficients, strict=True):
         weight = [{"filter": name, "value": float(f"{value:.{DIGITS}g}")} for name, value in sorted(values.items())]
         weight.append({"value": adapter.weight})
-        models.append({"model": f"{spec.base}+{adapter.path}", "parameters": {"weight": weight if values else adapter.weight}})
+        models.append({"model": f"{spec.base}+{adapter.path}", "parameters": {"weight": weight}})
     config = {"merge_method": "task_arithmetic", "base_model": spec.base, "models": models, "dtype": "float32"}
     if out_dtype:
         config["out_dtype"] = out_dtype
