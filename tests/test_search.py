@@ -102,13 +102,25 @@ def test_test_lines_are_never_scored_during_the_search(settings, store, search_i
     assert record["steps"] == 4 and [c["step"] for c in record["history"]] == [0, 2, 4]
 
 
-def test_written_recipe_rebuilds_the_result_byte_for_byte(settings, store, search_inputs):
-    [searched] = run(search_recipe(), settings, store)
-    model = searched.model
+def test_written_recipe_rebuilds_the_result_byte_for_byte(settings, store, search_inputs, tmp_path):
+    """`merger search` prints the test-line table and writes the found recipe; `merger run` of it makes the same model."""
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+    from merger.safe_yaml import load_recipe_file
+    from tests.tiny_models import write_yaml
+
+    recipe = write_yaml(tmp_path / "searching.yaml", search_recipe())
+    searched = CliRunner().invoke(app, ["search", str(recipe)])
+    assert searched.exit_code == 0, searched.output
+    model = store.resolve(searched.stdout.strip().splitlines()[-1])
+    assert "test lines 1-6" in searched.stderr and "found / best parent" in searched.stderr
+    found = load_recipe_file(tmp_path / "searching.found.yaml", max_bytes=settings.max_recipe_bytes)
+    assert found == {"stages": [model.recipe]}
     written = model.recipe
     assert written["merge"]["merge_method"] == "task_arithmetic" and "search" not in written
 
-    [again] = run({"stages": [written]}, settings, store)  # `merger run` of the written recipe
+    [again] = run(found, settings, store)  # what `merger run searching.found.yaml` does
     differing = {f.path for f in model.files} ^ {f.path for f in again.model.files} | {
         f.path for f in model.files for g in again.model.files if f.path == g.path and f.sha256 != g.sha256}
     assert not again.cache_hit and again.model.id == model.id, differing
