@@ -159,6 +159,17 @@ def test_same_seed_same_model(settings, store, search_inputs):
     assert not second.cache_hit and second.model.id == first.model.id
 
 
+def test_split_holds_back_the_test_lines(search_inputs):
+    from merger.search.split import split_task
+
+    assert parse_lines("1-3, 7,9-10") == {1, 2, 3, 7, 9, 10}
+    split = split_task(search_inputs / "task-a.jsonl", "a", parse_lines(TEST_LINES), choose_fraction=0.25, seed=1)
+    assert [line.number for line in split.test] == list(range(1, 7))
+    assert len(split.choose) == 2 and len(split.train) == 8
+    assert split.search_numbers == set(range(7, 17)) and not {line.number for line in split.choose} & {line.number for line in split.train}
+    assert split_task(search_inputs / "task-a.jsonl", "a", parse_lines(TEST_LINES), choose_fraction=0.25, seed=1) == split
+
+
 def test_bad_search_recipes_name_every_problem(settings, store, search_inputs):
     recipe = search_recipe()
     recipe["stages"][0]["search"] |= {"tasks": ["task-a.jsonl", "missing.jsonl"], "adapters": [{"path": "llama-ft1"}]}
