@@ -35,10 +35,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def search_inputs(model_root):
-    """Two LoRA adapters for llama-base and two prompt/answer task files of 16 lines each."""
-    for name, seed, targets in (("search-lora-a", 11, ("q_proj", "v_proj", "down_proj")), ("search-lora-b", 12, ("q_proj", "up_proj"))):
-        if not (model_root / name).exists():
-            make_lora(model_root / "llama-base", model_root / name, seed=seed, targets=targets)
+    """Two LoRA adapters for llama-base and gemma3-base each, and two prompt/answer task files of 16 lines each."""
+    for arch in ("llama", "gemma3"):
+        for name, seed, targets in (("lora-a", 11, ("q_proj", "v_proj", "down_proj")), ("lora-b", 12, ("q_proj", "up_proj"))):
+            if not (model_root / f"search-{arch}-{name}").exists():
+                make_lora(model_root / f"{arch}-base", model_root / f"search-{arch}-{name}", seed=seed, targets=targets)
     rng = random.Random(0)
     for task in ("task-a", "task-b"):
         lines = []
@@ -50,9 +51,9 @@ def search_inputs(model_root):
     return model_root
 
 
-def search_recipe(seed: int = 0, steps: int = 4) -> dict:
+def search_recipe(seed: int = 0, steps: int = 4, arch: str = "llama") -> dict:
     return {"stages": [{"name": "searched", "seed": seed, "search": {
-        "base": "llama-base", "adapters": [{"path": "search-lora-a", "weight": 0.5}, {"path": "search-lora-b", "weight": 1.0}],
+        "base": f"{arch}-base", "adapters": [{"path": f"search-{arch}-lora-a", "weight": 0.5}, {"path": f"search-{arch}-lora-b", "weight": 1.0}],
         "tasks": ["task-a.jsonl", "task-b.jsonl"], "test_lines": TEST_LINES,
         "learned": {"examples_per_step": 4, "learning_rate": 1.0, "check_every": 2}, "budget": {"steps": steps}}}]}
 
@@ -98,7 +99,7 @@ def test_test_lines_are_never_scored_during_the_search(settings, store, search_i
     assert generated and not any(during for during, _ in generated)  # greedy checks only after the search
     assert {p for _, prompts in generated for p in prompts} == test_prompts
     record = result.model.origin["search"]
-    assert [row["model"] for row in record["test_table"]] == ["llama-base + search-lora-a", "llama-base + search-lora-b", "start", "found"]
+    assert [row["model"] for row in record["test_table"]] == ["llama-base + search-llama-lora-a", "llama-base + search-llama-lora-b", "start", "found"]
     assert record["steps"] == 4 and [c["step"] for c in record["history"]] == [0, 2, 4]
 
 
@@ -129,19 +130,20 @@ def test_written_recipe_rebuilds_the_result_byte_for_byte(settings, store, searc
     assert rebuild(model, settings, store).identical
 
 
-def test_per_tensor_weights_are_the_coefficients(settings, store, search_inputs):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_per_tensor_weights_are_the_coefficients(settings, store, search_inputs, arch):
     """The written merge is base + sum of c * (the adapter's update), each targeted tensor with its own c."""
     from merger.lora import LoadedAdapter
     from merger.recipe import SearchStage
 
-    stage = SearchStage.model_validate(search_recipe()["stages"][0])
+    stage = SearchStage.model_validate(search_recipe(arch=arch)["stages"][0])
     adapters = [LoadedAdapter.load(search_inputs / a.path, json.loads((search_inputs / a.path / "adapter_config.json").read_text()))
                 for a in stage.search.adapters]
     coefficients = [{name: 0.1 + 0.01 * i + 0.5 * a for i, name in enumerate(sorted(adapter.modules))} for a, adapter in enumerate(adapters)]
     written = search_stage.written_stage(stage, coefficients, "bfloat16")
     [result] = run({"stages": [written.model_dump(mode="json")]}, settings, store)
 
-    base = load_file(search_inputs / "llama-base" / "model.safetensors")
+    base = load_file(search_inputs / f"{arch}-base" / "model.safetensors")
     out = load_file(store.path_of(result.model) / "model.safetensors")
     expected = {name: w.float() for name, w in base.items()}
     for adapter, values in zip(adapters, coefficients, strict=True):

@@ -1,8 +1,9 @@
 """The learned-coefficients searcher: gradient descent on one coefficient per (adapter, LoRA module).
 
 The loss is the answer negative log-likelihood on the search's training lines (each step draws the same
-number of examples from every task). Every ``check_every`` steps, and at the start and the end, the
-candidate is scored on the search's choosing lines; the best candidate by the objective is the result.
+number of examples from every task). A step that would end past ``minutes`` (judged by the last one) is not
+started. Every ``check_every`` steps, and at the start and the end, the candidate is scored on the search's
+choosing lines; the best candidate by the objective is the result.
 
 Objective: the worst task's exact-match rate relative to the best parent on that task (capped at 1), then
 the mean relative rate, then the mean answer log-likelihood: compared in that order, so the 0/1 metric
@@ -89,8 +90,11 @@ def learn(mixture: LoraMixture, train: list[list[Encoded]], choose: list[Encoded
     progress(0, options.steps, start)
     draw = _Sampler(train, options.seed)
     optimizer = torch.optim.Adam([mixture.coefficients], lr=options.learning_rate)
-    step = 0
-    while step < options.steps and time.monotonic() - started < options.minutes * 60 and not should_stop():
+    step, last_step_seconds = 0, 0.0
+    while step < options.steps and not should_stop():
+        if time.monotonic() - started + last_step_seconds > options.minutes * 60:
+            break  # the next step would end past the budget
+        step_started = time.monotonic()
         step += 1
         mixture.model.train(False)
         optimizer.zero_grad()
@@ -110,6 +114,7 @@ def learn(mixture: LoraMixture, train: list[list[Encoded]], choose: list[Encoded
             if latest.objective > best.objective:
                 best, best_values = latest, mixture.coefficients.detach().clone()
         progress(step, options.steps, latest)
+        last_step_seconds = time.monotonic() - step_started
     if history[-1].step != step:  # stopped by the budget between checks
         latest = checkpoint(step, None)
         history.append(latest)
