@@ -67,6 +67,9 @@ def main() -> None:
                            check_every=args.check_every, seed=args.seed)
     result = learn(session.mixture, session.train, session.choose, options, pad_id=session.pad_id, progress=progress)
     load_after_search = os.getloadavg()
+    for label, scores in [*((f"{n} alone", p) for n, p in zip(args.tasks, result.parents, strict=True)),
+                          ("start", result.start.scores), (f"best (step {result.best.step})", result.best.scores)]:
+        print(f"choosing lines, {label}: exact/loglik " + " ".join(f"{s.exact:.2f}/{s.loglik:.2f}" for s in scores))
     print(f"search: {result.steps} steps in {result.seconds / 60:.1f} min; best at step {result.best.step}; "
           f"load average {load_after_search}", flush=True)
 
