@@ -174,11 +174,13 @@ def test_split_holds_back_the_test_lines(search_inputs):
 
 def test_bad_search_recipes_name_every_problem(settings, store, search_inputs):
     recipe = search_recipe()
-    recipe["stages"][0]["search"] |= {"tasks": ["task-a.jsonl", "missing.jsonl"], "adapters": [{"path": "llama-ft1"}]}
+    recipe["stages"][0]["search"] |= {"tasks": ["task-a.jsonl", "missing.jsonl", "/etc/hostname"], "adapters": [{"path": "llama-ft1"}]}
     with pytest.raises(RecipeError) as caught:
         check_recipe(recipe, settings, store, default_name="r")
-    locs = {p.loc for p in caught.value.problems}
-    assert {"stages[0].search.tasks[1]", "stages[0].search.adapters[0].path"} <= locs
+    problems = {p.loc: p.msg for p in caught.value.problems}
+    assert {"stages[0].search.tasks[1]", "stages[0].search.tasks[2]", "stages[0].search.adapters[0].path"} <= problems.keys()
+    assert "outside the model roots" in problems["stages[0].search.tasks[2]"]
+    assert "is a model, not a LoRA adapter" in problems["stages[0].search.adapters[0].path"]
 
     recipe = search_recipe()
     recipe["stages"][0]["search"]["test_lines"] = "1-16"  # nothing left to search on
