@@ -180,7 +180,7 @@ def test_bad_search_recipes_name_every_problem(settings, store, search_inputs):
     problems = {p.loc: p.msg for p in caught.value.problems}
     assert {"stages[0].search.tasks[1]", "stages[0].search.tasks[2]", "stages[0].search.adapters[0].path"} <= problems.keys()
     assert "outside the model roots" in problems["stages[0].search.tasks[2]"]
-    assert "is a model, not a LoRA adapter" in problems["stages[0].search.adapters[0].path"]
+    assert "adapter_config.json" in problems["stages[0].search.adapters[0].path"]
 
     recipe = search_recipe()
     recipe["stages"][0]["search"]["test_lines"] = "1-16"  # nothing left to search on
