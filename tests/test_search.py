@@ -227,7 +227,7 @@ def test_search_keeps_both_fixture_skills_on_lines_it_never_saw(tmp_path, monkey
     settings = Settings()
     store = Store(settings)
     with store.staging() as staged:  # the same bytes, under the name and Hub id the adapters were made for
-        shutil.copytree(gemma_dir, staged / "gemma", copy_function=os.link)
+        shutil.copytree(gemma_dir, staged / "gemma")
         store.publish(staged / "gemma", name="gemma-3-270m", origin=gemma.origin)
     recipe = {"stages": [{"name": "both-tasks", "search": {
         "base": "gemma-3-270m", "adapters": [{"path": "adapters/sentiment", "weight": 0.25}, {"path": "adapters/json", "weight": 1.0}],
