@@ -13,8 +13,6 @@ test-line table.
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from merger.errors import Cancelled, Problem, format_loc
 from merger.evaluation.datasets import DataError, Generation
 from merger.evaluation.metrics import generation_accuracy
@@ -92,7 +90,6 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     slots = plan.details["merge"]["slots"]
     base_dir = dirs[next(slot.model_input for slot in slots if slot.adapter_input is None)]
     adapter_dirs = [dirs[slot.adapter_input] for slot in slots if slot.adapter_input is not None]  # in recipe order
-    torch.manual_seed(stage.seed)
     session = open_session(base_dir, adapter_dirs, plan.details["tasks"], parse_lines(spec.test_lines),
                            [a.weight for a in spec.adapters], choose_fraction=spec.learned.choose_fraction, seed=stage.seed)
     options = LearnOptions(steps=spec.budget.steps, examples_per_step=spec.learned.examples_per_step,
@@ -124,8 +121,8 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "best_step": result.best.step,
-        "choosing_scores": {"start": _scores(result.start), "best": _scores(result.best),
-                            "parents": [[{"exact": s.exact, "loglik": s.loglik} for s in p] for p in result.parents]},
+        "choosing_scores": {"start": _scores(result.start.scores), "best": _scores(result.best.scores),
+                            "parents": [_scores(p) for p in result.parents]},
         "history": [{"step": c.step, "loss": c.loss, "objective": list(c.objective)} for c in result.history],
         "test_table": rows,
         "kept": [f / p if p else None for f, p in zip(rows[-1]["test"], parents, strict=True)],
@@ -135,8 +132,8 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
                        origin={"search": record})
 
 
-def _scores(checkpoint) -> list[dict]:
-    return [{"exact": s.exact, "loglik": s.loglik, "examples": s.examples} for s in checkpoint.scores]
+def _scores(scores) -> list[dict]:
+    return [{"exact": s.exact, "loglik": s.loglik, "examples": s.examples} for s in scores]
 
 
 def _test_accuracy(model_dir: Path, tasks: list[tuple[Path, str]], test_lines: frozenset[int]) -> list[float]:
