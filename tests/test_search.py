@@ -116,7 +116,12 @@ def test_written_recipe_rebuilds_the_result_byte_for_byte(settings, store, searc
     assert searched.exit_code == 0, searched.output
     model = store.resolve(searched.stdout.strip().splitlines()[-1])
     assert "test lines 1-6" in searched.stderr and "found / best parent" in searched.stderr
+    cached = CliRunner().invoke(app, ["search", str(recipe), "--json", "--out", str(tmp_path / "again.yaml")])
+    assert cached.exit_code == 0, cached.output
+    report = json.loads(cached.stdout)
+    assert report["id"] == model.id and report["searches"]["searched"]["record"]["test_lines"] == TEST_LINES
     found = load_recipe_file(tmp_path / "searching.found.yaml", max_bytes=settings.max_recipe_bytes)
+    assert load_recipe_file(tmp_path / "again.yaml", max_bytes=settings.max_recipe_bytes) == found
     assert found == {"stages": [model.recipe]}
     written = model.recipe
     assert written["merge"]["merge_method"] == "task_arithmetic" and "search" not in written
