@@ -555,6 +555,57 @@ def _tree_label(node: graph.Node, edge: graph.Edge | None) -> str:
     return f"{via}[bold]{escape(node.name or '')}[/] {node.id[:12]} [dim]{node.kind}[/]"
 
 
+@app.command()
+def search(
+    recipe: Path,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Where to write the found recipe; default: RECIPE's name + .found.yaml beside it")] = None,
+    as_json: JsonFlag = False,
+    force: Annotated[bool, typer.Option("--force", help="Search again even when the result is cached.")] = False,
+) -> None:
+    """Run a recipe with search stages; print each search's test-line table and write the recipe it found.
+
+    The found recipe is RECIPE with every search stage replaced by the merge stage the search wrote:
+    `merger run` of it makes the same models without searching.
+    """
+    import yaml
+
+    from merger.orchestrator import final_model, load_and_check, run_recipe
+
+    settings, store = _context()
+    parsed = load_and_check(recipe, settings, store)
+    if not any(stage.kind == "search" for stage in parsed.stages):
+        raise MergerError(f"{recipe}: no search stage (run it with `merger run`)")
+    with _stage_progress(as_json) as report:
+        results = run_recipe(parsed, settings, store, force=force, report=report)
+    made = {r.stage: r.model for r in results if r.model is not None}
+    found = [made[s.name].recipe if s.kind == "search" else s.model_dump(mode="json") for s in parsed.stages]
+    target = out_path or recipe.with_name(f"{recipe.stem}.found.yaml")
+    target.write_text(yaml.safe_dump({"stages": found}, sort_keys=False), encoding="utf-8")
+    records = {s.name: (made[s.name].origin or {}).get("search") for s in parsed.stages if s.kind == "search"}
+    final = final_model(results)
+    if as_json:
+        print(json.dumps({"id": final.id if final else None, "found_recipe": str(target),
+                          "searches": {name: {"id": made[name].id, "record": record} for name, record in records.items()}}, indent=2))
+        return
+    for name, record in records.items():
+        if record is None:
+            err.print(f"{name}: {made[name].id} (made before by its written recipe: no search record)")
+            continue
+        table = Table(title=f"{name}: test lines {record['test_lines']} (never scored during the search), greedy accuracy")
+        table.add_column("model")
+        for task in record["tasks"]:
+            table.add_column(task.rsplit("/", 1)[-1], justify="right")
+        for row in record["test_table"]:
+            table.add_row(row["model"], *(f"{v:.2f}" for v in row["test"]))
+        _print_table(err, table)
+        kept = ", ".join("n/a" if k is None else f"{k:.2f}" for k in record["kept"])
+        err.print(f"{name}: {made[name].id}; {record['steps']} steps in {record['seconds'] / 60:.1f} min (best at step "
+                  f"{record['best_step']}); found / best parent on test lines: {kept}", markup=False)
+    err.print(f"found recipe: {target}", markup=False)
+    if final:
+        print(final.id)
+
+
 def main() -> None:
     """Entry point: errors print as messages (recipe problems with exit code 2), never tracebacks."""
     try:

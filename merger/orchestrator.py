@@ -234,7 +234,6 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
     started = time.monotonic()
     report(ProgressEvent(stage.name, "start"))
     inputs = [_input_model(inp, outputs, store) for inp in plan.inputs]
-    normalized = stage.model_dump(mode="json")
     key = _cache_key(plan, inputs, versions)
 
     cached = None if force else store.cached(key)
@@ -246,6 +245,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
 
     with store.staging() as work:
         out_dir, output = _build(plan, inputs, versions, store, work, report, should_cancel)
+        normalized = (output.made_by or stage).model_dump(mode="json")
         model, created = store.publish(
             out_dir,
             name=stage.name,
@@ -255,6 +255,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
             recipe=normalized,
             recipe_digest=digest_json(normalized),
             versions=versions,
+            origin=output.origin,
         )
     store.remember(key, model.id)
     seconds = time.monotonic() - started
@@ -272,9 +273,10 @@ def _build(plan: StagePlan, inputs: list[ModelRow], versions: dict, store: Store
     out_dir.mkdir()
     with _engine_errors(stage):
         output = runner.run(plan, [store.path_of(m) for m in inputs], out_dir, work, report, should_cancel)
-    normalized = stage.model_dump(mode="json")
+    made_by = output.made_by or stage
+    normalized = made_by.model_dump(mode="json")
     card_inputs = [CardInput(inp.role, inp.source.label, m.id, inp.weight) for inp, m in zip(plan.inputs, inputs, strict=True)]
-    card = render_card(name=stage.name, relation=output.card_relation, summary=runner.summary(stage), inputs=card_inputs,
+    card = render_card(name=stage.name, relation=output.card_relation, summary=STAGE_RUNNERS[made_by.kind].summary(made_by), inputs=card_inputs,
                        recipe=normalized, recipe_digest=digest_json(normalized), versions=versions, library=output.library)
     (out_dir / "README.md").write_text(card, encoding="utf-8")
     return out_dir, output

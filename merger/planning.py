@@ -43,6 +43,8 @@ class StageOutput:
     kind: str = "model"  # model | adapter
     card_relation: str = "merge"  # the Hub model-tree relation written in the card
     library: str = "transformers"
+    made_by: Any = None  # the stage recipe that rebuilds these files when it is not the planned stage (a search's merge)
+    origin: dict | None = None  # recorded with the model (a search's record)
 
 
 @dataclass

@@ -186,9 +186,51 @@ class EvaluateStage(_Stage):
 
 
 
+class SearchBudget(_Strict):
+    steps: int = Field(default=40, gt=0, le=100000, description="Gradient steps at most")
+    minutes: float = Field(default=10.0, gt=0, description="Wall-clock minutes at most for the search (loading and the final checks excluded)")
+
+
+class LearnedSearch(_Strict):
+    examples_per_step: int = Field(default=16, gt=0, le=4096, description="Training examples per step, spread evenly over the tasks")
+    learning_rate: float = Field(default=0.05, gt=0, le=10, description="Adam's learning rate for the coefficients")
+    check_every: int = Field(default=5, gt=0, description="Score the candidate on the choosing lines every this many steps")
+    choose_fraction: float = Field(default=0.25, ge=0, lt=1, description="Share of each task's search lines held out of training to choose the best step")
+
+
+class SearchSpec(_Strict):
+    base: str = Field(description="The model the adapters were trained on (a model reference)")
+    adapters: list[AdapterInput] = Field(min_length=1, description="LoRA adapters; each weight is the starting coefficient of all its modules")
+    tasks: list[str] = Field(min_length=1, description='Task JSONL files under the model roots, {"prompt", "answer"} lines; the skills to keep')
+    test_lines: str = Field(default="1-50", description="Lines of every task file never scored during the search (from 1, e.g. 1-50 or 1-10,20); scored once, on the result and the parents")
+    searcher: Literal["learned"] = Field(default="learned", description="learned: one coefficient per (adapter, LoRA module), by gradient on the search's lines")
+    learned: LearnedSearch = Field(default_factory=LearnedSearch)
+    budget: SearchBudget = Field(default_factory=SearchBudget)
+    out_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(default=None, description="The result's dtype; default: the base's")
+    allow_other_base: bool = Field(default=False, description="Accept adapters whose adapter_config names another base model")
+
+    @model_validator(mode="after")
+    def _test_lines_parse(self):
+        from merger.search.split import parse_lines
+
+        parse_lines(self.test_lines)  # raises ValueError with the reason
+        return self
+
+
+class SearchStage(_Stage):
+    """Search merge parameters that keep every task's skill; the result is the merge recipe it writes, run."""
+
+    kind: ClassVar[str] = "search"
+    name: str = Field(pattern=NAME_PATTERN)
+    search: SearchSpec
+    seed: int = Field(default=0, description="Seeds the data split and the order of training examples")
+
+
+
 STAGE_KINDS: dict[str, type[_Stage]] = {
     "merge": MergeStage, "adapters": AdaptersStage, "extract_lora": ExtractLoraStage, "quantize": QuantizeStage,
     "evaluate": EvaluateStage,
+    "search": SearchStage,
 }
 Stage = Union[tuple(STAGE_KINDS.values())]  # type: ignore[valid-type]
 

@@ -5,6 +5,7 @@ check, no heavy work) and, for a kind that makes a model, ``run(plan, inputs, ou
 should_cancel) -> StageOutput``; for one that doesn't (``evaluate``), ``evaluate(plan, models, store, ...)``.
 """
 
-from merger.stages import adapters, evaluate, extract_lora, merge, quantize
+from merger.stages import adapters, evaluate, extract_lora, merge, quantize, search
 
-STAGE_RUNNERS = {"merge": merge, "adapters": adapters, "extract_lora": extract_lora, "quantize": quantize, "evaluate": evaluate}
+STAGE_RUNNERS = {"merge": merge, "adapters": adapters, "extract_lora": extract_lora, "quantize": quantize, "evaluate": evaluate,
+                 "search": search}

@@ -1,0 +1,53 @@
+"""A search's resident state: the base model loaded once (float32), the adapters attached, the data split
+and tokenized; and the honest check, greedy generation on the held-back test lines."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merger.evaluation.datasets import Generation
+from merger.evaluation.metrics import generation_accuracy
+from merger.evaluation.runtimes import HFModel
+from merger.lora import LoadedAdapter
+from merger.search.lora_mix import LoraMixture
+from merger.search.scoring import Encoded, encode
+from merger.search.split import TaskSplit, split_task
+
+
+@dataclass
+class Session:
+    mixture: LoraMixture
+    tokenizer: object
+    splits: list[TaskSplit]
+    train: list[list[Encoded]]  # per task
+    choose: list[Encoded]  # every task's choosing lines
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    def test_accuracy(self, values: torch.Tensor) -> list[float]:
+        """Greedy accuracy on each task's test lines (the fixtures' definition), with ``values`` as coefficients."""
+        self.mixture.set(values)
+        lm = HFModel("transformers", self.mixture.model, self.tokenizer)
+        out = []
+        for split in self.splits:
+            examples: list[Generation] = [line.example for line in split.test]
+            out.append(generation_accuracy(lm, examples, step=lambda *_: None).values["accuracy"] if examples else float("nan"))
+        return out
+
+
+def open_session(base_dir: Path, adapter_dirs: list[Path], tasks: list[tuple[Path, str]], test_lines: frozenset[int],
+                 start: list[float], *, choose_fraction: float = 0.25, seed: int = 0) -> Session:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
+    adapters = [LoadedAdapter.load(d, json.loads((d / "adapter_config.json").read_text())) for d in adapter_dirs]
+    mixture = LoraMixture.attach(model.eval(), adapters, start)
+    splits = [split_task(path, label, test_lines, choose_fraction=choose_fraction, seed=seed) for path, label in tasks]
+    train = [encode(tokenizer, t, s.train) for t, s in enumerate(splits)]
+    choose = [e for t, s in enumerate(splits) for e in encode(tokenizer, t, s.choose)]
+    return Session(mixture, tokenizer, splits, train, choose)

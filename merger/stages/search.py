@@ -1,0 +1,148 @@
+"""The ``search`` stage: merge parameters searched on the search's own lines of each task file, the held-back
+test lines scored once at the end; the result is the plain merge recipe the search writes, run.
+
+The learned searcher (``merger.search.learned``) learns one coefficient per (adapter, LoRA module). What it
+finds is written as a mergekit ``task_arithmetic`` merge over ``BASE+ADAPTER`` references with a per-tensor
+``weight`` (conditional parameters whose filters are full tensor names), and the stage makes its output by
+running that merge stage's runner. The output's card and lineage recipe are that merge stage, so
+``merger run`` of the written recipe (or ``merger rebuild``) gives the same model id without searching. The
+model's ``origin`` records the search: steps, objective, the scores on the search's lines and the
+test-line table.
+"""
+
+from collections import Counter
+from pathlib import Path
+
+from merger.errors import Cancelled, Problem, format_loc
+from merger.evaluation.datasets import DataError, Generation
+from merger.evaluation.metrics import generation_accuracy
+from merger.evaluation.runtimes import Transformers
+from merger.planning import PlanContext, StageOutput, StagePlan
+from merger.progress import CancelCheck, ProgressEvent, Reporter
+from merger.recipe import AdaptersSpec, AdaptersStage, MergeStage, SearchStage
+from merger.references import UnresolvedReference
+from merger.stages import adapters as adapters_stage
+from merger.stages import merge as merge_stage
+
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+DIGITS = 6  # significant digits of a written coefficient
+
+
+def summary(stage: SearchStage) -> str:
+    return f"A merge of {len(stage.search.adapters)} LoRA adapters into `{stage.search.base}` whose coefficients merger searched."
+
+
+def plan(stage: SearchStage, loc: tuple, context: PlanContext) -> tuple[StagePlan | None, list[Problem]]:
+    from merger.search.split import parse_lines, split_task
+
+    spec = stage.search
+    folded = AdaptersStage(name=stage.name, adapters=AdaptersSpec(base=spec.base, mode="fold", adapters=spec.adapters,
+                                                                allow_other_base=spec.allow_other_base))
+    checked, problems = adapters_stage.plan(folded, loc, context)  # base and adapters, with this stage's field paths
+    tasks = []
+    for j, text in enumerate(spec.tasks):
+        try:
+            path = context.resolver.data_file(text)
+            split_task(path, text, parse_lines(spec.test_lines), choose_fraction=spec.learned.choose_fraction, seed=stage.seed)
+            tasks.append((path, text))
+        except (DataError, UnresolvedReference) as exc:
+            problems.append(Problem(format_loc(loc + ("tasks", j)), str(exc)))
+    if checked is None or problems:
+        return None, problems
+    out_dtype = spec.out_dtype or _dtype_of(checked.output_info)
+    template = written_stage(stage, [{} for _ in spec.adapters], out_dtype)
+    merged, merge_problems = merge_stage.plan(template, loc, context)
+    if merged is None or merge_problems:
+        return None, merge_problems or [Problem(format_loc(loc), "the merge this search writes does not plan")]
+    return StagePlan(stage, merged.inputs, merged.output_info, {"merge": merged.details, "tasks": tasks, "out_dtype": out_dtype}), []
+
+
+def _dtype_of(info) -> str | None:
+    dtypes = Counter(dtype for dtype, _shape in (info.tensors.values() if info else ()))
+    return SAFETENSORS_DTYPES.get(dtypes.most_common(1)[0][0]) if dtypes else None
+
+
+def written_stage(stage: SearchStage, coefficients: list[dict[str, float]], out_dtype: str | None) -> MergeStage:
+    """The merge stage a search writes: task arithmetic over ``BASE+ADAPTER`` with a weight per tensor.
+
+    mergekit matches a filter as a substring of the tensor name; full names (``....layers.1.mlp.up_proj.weight``)
+    match only themselves. Tensors an adapter does not touch keep its starting weight (their delta is zero).
+    """
+    spec = stage.search
+    models = []
+    for adapter, values in zip(spec.adapters, coefficients, strict=True):
+        weight = [{"filter": name, "value": float(f"{value:.{DIGITS}g}")} for name, value in sorted(values.items())]
+        weight.append({"value": adapter.weight})
+        models.append({"model": f"{spec.base}+{adapter.path}", "parameters": {"weight": weight}})
+    config = {"merge_method": "task_arithmetic", "base_model": spec.base, "models": models, "dtype": "float32"}
+    if out_dtype:
+        config["out_dtype"] = out_dtype
+    return MergeStage(name=stage.name, merge=config, seed=stage.seed)
+
+
+def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report: Reporter, should_cancel: CancelCheck) -> StageOutput:
+    from merger.search.learned import LearnOptions, learn
+    from merger.search.session import open_session
+    from merger.search.split import parse_lines
+
+    stage: SearchStage = plan.stage
+    spec = stage.search
+    slots = plan.details["merge"]["slots"]
+    base_dir = dirs[next(slot.model_input for slot in slots if slot.adapter_input is None)]
+    adapter_dirs = [dirs[slot.adapter_input] for slot in slots if slot.adapter_input is not None]  # in recipe order
+    session = open_session(base_dir, adapter_dirs, plan.details["tasks"], parse_lines(spec.test_lines),
+                           [a.weight for a in spec.adapters], choose_fraction=spec.learned.choose_fraction, seed=stage.seed)
+    options = LearnOptions(steps=spec.budget.steps, examples_per_step=spec.learned.examples_per_step,
+                           learning_rate=spec.learned.learning_rate, minutes=spec.budget.minutes,
+                           check_every=spec.learned.check_every, seed=stage.seed)
+
+    def progress(step: int, total: int, _checkpoint) -> None:
+        report(ProgressEvent(stage.name, "progress", step, total, unit="steps"))
+
+    result = learn(session.mixture, session.train, session.choose, options, pad_id=session.pad_id, progress=progress,
+                   should_stop=should_cancel)
+    if should_cancel():
+        raise Cancelled(f"stage {stage.name} cancelled")
+    alone = [session.mixture.uniform([float(i == a) for i in range(len(spec.adapters))]) for a in range(len(spec.adapters))]
+    rows = [{"model": f"{spec.base} + {a.path}", "test": session.test_accuracy(values)} for a, values in zip(spec.adapters, alone, strict=True)]
+    rows.append({"model": "start", "test": session.test_accuracy(session.mixture.uniform([a.weight for a in spec.adapters]))})
+    coefficients = session.mixture.per_adapter(result.coefficients)
+    del session
+
+    written = written_stage(stage, coefficients, plan.details["out_dtype"])
+    merge_stage.run(StagePlan(written, plan.inputs, plan.output_info, plan.details["merge"]), dirs, out_dir, work_dir, report, should_cancel)
+    rows.append({"model": "found", "test": _test_accuracy(out_dir, plan.details["tasks"], parse_lines(spec.test_lines))})
+    parents = [max(row["test"][t] for row in rows[: len(spec.adapters)]) for t in range(len(spec.tasks))]
+    record = {
+        "searcher": spec.searcher,
+        "objective": "worst task's exact match relative to the best parent, then the mean, then the answer log-likelihood (choosing lines)",
+        "tasks": spec.tasks,
+        "test_lines": spec.test_lines,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "best_step": result.best.step,
+        "choosing_scores": {"start": _scores(result.start.scores), "best": _scores(result.best.scores),
+                            "parents": [_scores(p) for p in result.parents]},
+        "history": [{"step": c.step, "loss": c.loss, "objective": list(c.objective)} for c in result.history],
+        "test_table": rows,
+        "kept": [f / p if p else None for f, p in zip(rows[-1]["test"], parents, strict=True)],
+        "objective_at_best": list(result.best.objective),
+    }
+    return StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge", made_by=written,
+                       origin={"search": record})
+
+
+def _scores(scores) -> list[dict]:
+    return [{"exact": s.exact, "loglik": s.loglik, "examples": s.examples} for s in scores]
+
+
+def _test_accuracy(model_dir: Path, tasks: list[tuple[Path, str]], test_lines: frozenset[int]) -> list[float]:
+    """Greedy accuracy of the written merge, as stored, on each task's test lines."""
+    from merger.search.split import split_task
+
+    lm = Transformers().load(model_dir, dtype="float32")
+    out = []
+    for path, label in tasks:
+        examples: list[Generation] = [line.example for line in split_task(path, label, test_lines, choose_fraction=0, seed=0).test]
+        out.append(generation_accuracy(lm, examples, step=lambda *_: None).values["accuracy"] if examples else float("nan"))
+    return out
