@@ -1,0 +1,165 @@
+"""Plan a merge from the inputs' headers, then stream it: one output tensor at a time, in mergekit's order
+(tensor names sorted), each input tensor read when needed and each result written straight to its place."""
+
+import json
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merger.engine.architecture import UnsupportedArchitecture, planned_weights
+from merger.engine.config import EngineConfig, Unsupported
+from merger.engine.safetensors_io import PlannedFile, StoredTensor, TensorSpec, UnsupportedFile, load, model_tensors
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_SHARD_BYTES = 5 * 1000**3  # mergekit's default out_shard_size
+# what mergekit copies as the tokenizer when the config has no tokenizer section
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "chat_template.jinja", "generation_config.json",
+                   "chat_template.json", "video_preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    t: float
+    inputs: tuple[StoredTensor, ...]  # in the config's model order
+    spec: TensorSpec
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    config: EngineConfig
+    dirs: dict[str, Path]
+    tensors: tuple[OutputTensor, ...]  # in mergekit's execution order
+    donor: Path  # config.json and tokenizer come from here
+
+    def shards(self, max_bytes: int = MAX_SHARD_BYTES) -> list[list[OutputTensor]]:
+        """mergekit's shards: filled in save order, a new one when the next tensor would pass max_bytes."""
+        shards: list[list[OutputTensor]] = [[]]
+        size = 0
+        for tensor in self.tensors:
+            if shards[-1] and size + tensor.spec.nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(tensor)
+            size += tensor.spec.nbytes
+        return shards
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return getattr(torch, name) if name else None
+
+
+def plan(config: EngineConfig, dirs: dict[str, Path]) -> MergePlan:
+    """The output tensors, or Unsupported when mergekit would plan something the engine does not follow."""
+    configs = {m: json.loads((dirs[m] / "config.json").read_text()) for m in config.models}
+    try:
+        weights = {m: planned_weights(c) for m, c in configs.items()}
+        stored = {m: model_tensors(dirs[m]) for m in config.models}
+    except (UnsupportedArchitecture, UnsupportedFile) as exc:
+        raise Unsupported(str(exc)) from exc
+    first = weights[config.models[0]]
+    if any(w != first for w in weights.values()):
+        raise Unsupported("inputs of different architectures or depths")
+    load_dtype = _dtype(config.dtype)
+    outputs = []
+    for weight in first:
+        present = [weight.name in stored[m] for m in config.models]
+        if not any(present) and weight.optional and not any(a in stored[m] for a in weight.aliases for m in config.models):
+            continue
+        if not all(present):
+            raise Unsupported(f"{weight.name} is missing from some inputs")
+        inputs = tuple(stored[m][weight.name] for m in config.models)
+        if any(i.spec.dtype not in FLOAT_DTYPES for i in inputs) or len({i.spec.shape for i in inputs}) != 1:
+            raise Unsupported(f"{weight.name}: non-float tensors or differing shapes")
+        dtype = load_dtype or inputs[0].spec.dtype
+        if not load_dtype:
+            for i in inputs[1:]:
+                dtype = torch.promote_types(dtype, i.spec.dtype)
+        outputs.append(OutputTensor(weight.name, weight.t, inputs, TensorSpec(_dtype(config.out_dtype) or dtype, inputs[0].spec.shape)))
+    donor = dirs[config.base or config.models[0]]
+    if not (donor / "tokenizer_config.json").exists() or not any((donor / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        raise Unsupported("the tokenizer would be re-serialized by transformers")
+    outputs.sort(key=lambda o: o.name)
+    return MergePlan(config, dirs, tuple(outputs), donor)
+
+
+def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device: str = "cpu",
+            on_tensor: Callable[[int, int], None] | None = None) -> None:
+    """Write the merged model into ``out_dir`` (created). ``on_tensor(done, total)`` may raise to stop."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config, method = merge.config, merge.config.method
+    shards = merge.shards()
+    files = [PlannedFile(out_dir / name, {t.name: t.spec for t in shard}) for name, shard in zip(_shard_names(len(shards)), shards)]
+    where = {t.name: f for f, shard in zip(files, shards) for t in shard}
+    load_dtype = _dtype(config.dtype)
+    try:
+        with _single_thread(method.randomized):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for done, output in enumerate(merge.tensors, start=1):
+                tensors = [load(i).to(device) for i in output.inputs]
+                if load_dtype:
+                    tensors = [t.to(load_dtype) for t in tensors]
+                dtype = tensors[0].dtype
+                for t in tensors[1:]:
+                    dtype = torch.promote_types(dtype, t.dtype)
+                tensors = [t.to(dtype) for t in tensors]
+                base_index = config.models.index(config.base) if config.base is not None and method.needs_base else None
+                shared = config.shared(output.name, output.t)
+                inputs = [config.per_model(m, output.name, output.t) for m in config.models]
+                result = method.merge(tensors, base_index, shared, inputs)
+                where[output.name].write(output.name, result.to(output.spec.dtype))
+                del tensors, result
+                if on_tensor:
+                    on_tensor(done, len(merge.tensors))
+    finally:
+        for f in files:
+            f.close()
+    if len(shards) > 1:
+        _write_index(out_dir, shards)
+    _write_config(merge, out_dir)
+    for name in TOKENIZER_FILES:
+        if (merge.donor / name).exists():
+            shutil.copyfile(merge.donor / name, out_dir / name)
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _write_index(out_dir: Path, shards: list[list[OutputTensor]]) -> None:
+    names = _shard_names(len(shards))
+    index = {
+        "metadata": {"total_size": sum(t.spec.nbytes for shard in shards for t in shard), "mergekit_version": "0.1.5"},
+        "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
+    }
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_config(merge: MergePlan, out_dir: Path) -> None:
+    """The donor's config.json, with the output dtype mergekit records (transformers' layout: sorted, indent 2)."""
+    config = json.loads((merge.donor / "config.json").read_text())
+    dtype = merge.config.out_dtype or merge.config.dtype
+    if dtype:
+        config.pop("torch_dtype", None)
+        config["dtype"] = dtype
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def _single_thread(enabled: bool):
+    """Randomized methods reduce in bf16, whose result depends on the thread count: mergekit runs them with -j 1."""
+    previous = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

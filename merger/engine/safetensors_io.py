@@ -1,0 +1,134 @@
+"""safetensors files read and written tensor by tensor, with plain file I/O (no memory maps kept resident).
+
+Reading: each tensor's bytes are read with ``os.preadv`` into a fresh tensor. Writing: the header is computed
+up front from the names, dtypes and shapes, exactly as ``safetensors.torch.save_file`` lays a file out, and
+each tensor is written straight to its place with ``os.pwrite``; nothing is buffered.
+"""
+
+import ctypes
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
+    "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# safetensors orders tensors in a file by dtype (its enum order, descending), then by name
+_DTYPE_RANK = {name: rank for rank, name in enumerate(
+    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"])}
+METADATA = {"format": "pt"}  # what safetensors.torch.save_file(..., metadata={"format": "pt"}) records
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    path: Path
+    spec: TensorSpec
+    offset: int  # absolute, in the file
+
+
+class UnsupportedFile(ValueError):
+    """A safetensors file with a dtype this module does not read."""
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    if unknown := {entry["dtype"] for entry in header.values()} - set(DTYPES):
+        raise UnsupportedFile(f"{path.name}: dtypes {sorted(unknown)}")
+    return {
+        name: StoredTensor(path, TensorSpec(DTYPES[entry["dtype"]], tuple(entry["shape"])), 8 + length + entry["data_offsets"][0])
+        for name, entry in header.items()
+    }
+
+
+def model_tensors(model_dir: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a model directory's ``*.safetensors`` files."""
+    tensors: dict[str, StoredTensor] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(read_header(shard))
+    return tensors
+
+
+def _buffer(tensor: torch.Tensor):
+    return (ctypes.c_ubyte * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
+
+
+def load(stored: StoredTensor) -> torch.Tensor:
+    """One tensor read from its byte range (the file is opened per tensor; the page cache is the only cache)."""
+    tensor = torch.empty(stored.spec.shape, dtype=stored.spec.dtype)
+    if tensor.numel():
+        fd = os.open(stored.path, os.O_RDONLY)
+        try:
+            view, done = memoryview(_buffer(tensor)).cast("B"), 0
+            while done < len(view):
+                read = os.preadv(fd, [view[done:]], stored.offset + done)
+                if read == 0:
+                    raise OSError(f"{stored.path} ends inside a tensor")
+                done += read
+        finally:
+            os.close(fd)
+    return tensor
+
+
+def header_bytes(specs: dict[str, TensorSpec]) -> tuple[bytes, dict[str, int]]:
+    """The header safetensors writes for these tensors, and each tensor's offset in the data section."""
+    order = sorted(specs, key=lambda name: (-_DTYPE_RANK[NAMES[specs[name].dtype]], name))
+    entries: dict[str, object] = {"__metadata__": METADATA}
+    offsets, position = {}, 0
+    for name in order:
+        spec = specs[name]
+        offsets[name] = position
+        entries[name] = {"dtype": NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [position, position + spec.nbytes]}
+        position += spec.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+class PlannedFile:
+    """An output file whose layout is fixed before any tensor is computed; tensors are written in any order."""
+
+    def __init__(self, path: Path, specs: dict[str, TensorSpec]):
+        header, offsets = header_bytes(specs)
+        self.specs = specs
+        self.offsets = {name: len(header) + offset for name, offset in offsets.items()}
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, header, 0)
+        os.ftruncate(self.fd, len(header) + sum(spec.nbytes for spec in specs.values()))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[name]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{name}: planned {spec}, computed {tensor.dtype} {tuple(tensor.shape)}")
+        tensor = tensor.detach().to("cpu").contiguous()
+        if not tensor.numel():
+            return
+        view, done = memoryview(_buffer(tensor)).cast("B"), 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], self.offsets[name] + done)
+
+    def close(self) -> None:
+        os.close(self.fd)

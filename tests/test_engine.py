@@ -1,0 +1,165 @@
+"""merger's native merge engine writes exactly what `mergekit-yaml` writes for the same config: every tensor
+(torch.equal), the safetensors file byte for byte, config.json and the tokenizer; bf16 and float32 inputs,
+dtype/out_dtype, gradients and filters, a DARE seed, and TIES cuts inside runs of tied magnitudes."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merger.engine import Unsupported, execute, prepare
+from merger.engine.topk import _kth_largest_code, argsort_mask, top_k_mask
+from tests.tiny_models import make_family, write_yaml
+
+MERGEKIT_YAML = str(Path(sys.executable).parent / "mergekit-yaml")
+SEED = 23
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> Path:
+    """bf16 Gemma 3 and Llama families, a float32 copy of the Gemma one, and a Gemma family with planted ties."""
+    root = tmp_path_factory.mktemp("engine-models")
+    for arch in ("gemma3", "llama"):
+        make_family(root, arch, seed=5)
+    for member in ("base", "ft1", "ft2"):
+        _float32_copy(root / f"gemma3-{member}", root / f"f32-{member}")
+    _plant_ties(root)
+    return root
+
+
+def _float32_copy(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst)
+    tensors = load_file(src / "model.safetensors")
+    save_file({k: v.float() for k, v in tensors.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config | {"dtype": "float32"}, indent=2, sort_keys=True) + "\n")
+
+
+def _plant_ties(root: Path) -> None:
+    """Fine-tunes whose task vectors take a handful of values, so most magnitudes tie at any TIES cut."""
+    base = root / "gemma3-base"
+    tensors = load_file(base / "model.safetensors")
+    generator = torch.Generator().manual_seed(9)
+    for i in (1, 2):
+        shutil.copytree(base, root / f"tied-ft{i}")
+        levels = torch.tensor([0.0, 0.5, -0.5, 1.0, -1.0]) / 64
+        tuned = {k: (v.float() + levels[torch.randint(0, 5, v.shape, generator=generator)]).to(v.dtype)
+                 for k, v in tensors.items()}
+        save_file(tuned, root / f"tied-ft{i}" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(base, root / "tied-base")
+
+
+def configs(prefix: str) -> dict[str, dict]:
+    base, ft1, ft2 = (f"{prefix}-{m}" for m in ("base", "ft1", "ft2"))
+    two = lambda **p1: [{"model": ft1, "parameters": p1}, {"model": ft2, "parameters": {"weight": 0.4, "density": 0.6}}]  # noqa: E731
+    return {
+        "linear": {"merge_method": "linear", "models": [
+            {"model": ft1, "parameters": {"weight": 0.7}}, {"model": ft2, "parameters": {"weight": [0.1, 0.5, 0.2]}}]},
+        "slerp": {"merge_method": "slerp", "base_model": ft1, "models": [{"model": ft1}, {"model": ft2}],
+                  "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.7]}, {"value": 0.35}]}},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
+                            "models": two(weight=0.8), "parameters": {"lambda": 0.9}},
+        "ties": {"merge_method": "ties", "base_model": base, "models": two(weight=0.6, density=0.5)},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": two(weight=0.5, density=0.5)},
+        "dare_linear": {"merge_method": "dare_linear", "base_model": base, "models": two(weight=0.5, density=0.3)},
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base, "models": two(weight=1.0, density=0.8, gamma=0.05)},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": base,
+                             "models": two(weight=[{"filter": "mlp", "value": 0.3}, {"value": 0.9}], density=0.7)},
+    }
+
+
+def absolute(config: dict, root: Path) -> dict:
+    def fix(value):
+        if isinstance(value, dict):
+            return {k: (str(root / v) if k in ("model", "base_model") and isinstance(v, str) else fix(v)) for k, v in value.items()}
+        return [fix(v) for v in value] if isinstance(value, list) else value
+    return fix(config)
+
+
+def run_both(config: dict, root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    config = absolute(config, root)
+    theirs = tmp_path / "mergekit"
+    subprocess.run([MERGEKIT_YAML, str(write_yaml(tmp_path / "config.yml", config)), str(theirs), "--random-seed", str(SEED),
+                    "--num-threads", "1", "--quiet", "--no-write-model-card"], check=True, capture_output=True)
+    names = {config.get("base_model")} | {m["model"] for m in config["models"]}
+    ours = tmp_path / "engine"
+    execute(prepare(config, {n: Path(n) for n in names if n}), ours, seed=SEED)
+    return ours, theirs
+
+
+def assert_same_output(ours: Path, theirs: Path) -> None:
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in b:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+    assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for name in (p.name for p in theirs.iterdir()):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+
+CASES = [(prefix, method, extra) for method in configs("x") for prefix, extra in (
+    ("gemma3", {}), ("f32", {}), ("llama", {}), ("gemma3", {"dtype": "float32", "out_dtype": "bfloat16"}))]
+
+
+@pytest.mark.parametrize("prefix,method,extra", CASES, ids=[f"{p}-{m}-{'-'.join(e.values()) or 'native'}" for p, m, e in CASES])
+def test_engine_equals_mergekit_yaml(prefix, method, extra, families, tmp_path):
+    ours, theirs = run_both(configs(prefix)[method] | extra, families, tmp_path)
+    assert_same_output(ours, theirs)
+    inputs = load_file(families / f"{prefix}-ft1" / "model.safetensors")
+    merged = load_file(ours / "model.safetensors")
+    assert any(not torch.equal(merged[n].to(inputs[n].dtype), inputs[n]) for n in merged)  # not a copy of an input
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_ties_at_the_cut(method, families, tmp_path):
+    """Task vectors whose magnitudes tie in long runs across the TIES cut: the same mask as torch's argsort."""
+    config = configs("tied")[method]
+    delta = (load_file(families / "tied-ft1" / "model.safetensors")["model.embed_tokens.weight"]
+             - load_file(families / "tied-base" / "model.safetensors")["model.embed_tokens.weight"])
+    magnitudes = delta.abs().reshape(-1).float()
+    k = int(0.5 * magnitudes.numel())
+    _, above, tied = _kth_largest_code(magnitudes.view(torch.int32), k)
+    assert above < k < above + tied  # the planted ties straddle the cut
+    ours, theirs = run_both(config, families, tmp_path)
+    assert_same_output(ours, theirs)
+
+
+def test_top_k_mask_matches_argsort_on_ties():
+    generator = torch.Generator().manual_seed(1)
+    for n, values in [(5000, 3), (40000, 7), (257, 2), (100000, 50)]:
+        w = torch.randint(0, values, (n,), generator=generator).float()
+        for k in (1, n // 3, n // 2, n - 1):
+            assert torch.equal(top_k_mask(w, k), argsort_mask(w, k)), (n, values, k)
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"merge_method": "della"}, "merge_method"),
+    ({"merge_method": "passthrough", "models": None, "slices": [{"sources": [{"model": "M1", "layer_range": [0, 2]}]}]}, "slices"),
+    ({"tokenizer_source": "base"}, "tokenizer_source"),
+    ({"chat_template": "chatml"}, "chat_template"),
+    ({"models": [{"model": "M1+adapter", "parameters": {"weight": 1.0}}]}, "LoRA"),
+    ({"parameters": {"weight": "0.5"}}, "parameter value"),
+    ({"dtype": "int8"}, "dtype"),
+])
+def test_unsupported_configs_go_to_mergekit(change, reason):
+    config = {"merge_method": "linear", "models": [{"model": "M1", "parameters": {"weight": 1.0}}]} | change
+    config = {k: v for k, v in config.items() if v is not None}
+    with pytest.raises(Unsupported, match=reason):
+        prepare(config, {"M1": Path("/nonexistent")})
+
+
+def test_unsupported_architecture_goes_to_mergekit(families, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(families / "gemma3-ft1", odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps(config | {"architectures": ["NoSuchForCausalLM"]}))
+    merge = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(Unsupported, match="NoSuchForCausalLM"):
+        prepare(merge, {"a": odd, "b": families / "gemma3-ft2"})
