@@ -92,6 +92,8 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
             on_tensor: Callable[[int, int], None] | None = None) -> None:
     """Write the merged model into ``out_dir`` (created). ``on_tensor(done, total)`` may raise to stop."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
     config, method = merge.config, merge.config.method
     shards = merge.shards()
     files = [PlannedFile(out_dir / name, {t.name: t.spec for t in shard}) for name, shard in zip(_shard_names(len(shards)), shards)]

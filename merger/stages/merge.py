@@ -16,13 +16,15 @@ from mergekit._data import chat_templates
 from mergekit.common import ModelPath, ModelReference
 from mergekit.options import MergeOptions
 
-from merger.errors import Problem, format_loc
+from merger import engine
+from merger.errors import Cancelled, Problem, format_loc
 from merger.mergekit_refs import map_references, walk_references
 from merger.modelfiles import ModelInfo
 from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source, resolve_input
-from merger.progress import CancelCheck, Reporter
+from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import RANDOMIZED_METHODS, MergeStage
 from merger.references import UnresolvedReference
+from merger.settings import Settings
 from merger.stages.mergekit_hooks import observed
 
 RELATION = "merge"
@@ -133,8 +135,13 @@ def summary(stage: MergeStage) -> str:
 
 
 def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report: Reporter, should_cancel: CancelCheck) -> StageOutput:
-    """Run the merge into ``out_dir``; ``dirs[i]`` is the directory of ``plan.inputs[i]``."""
+    """Run the merge into ``out_dir``; ``dirs[i]`` is the directory of ``plan.inputs[i]``: merger's engine
+    when it reproduces the config exactly, mergekit otherwise."""
     stage: MergeStage = plan.stage
+    output = StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge")
+    if (native := _engine_plan(plan, dirs)) is not None:
+        _run_engine(native, stage, out_dir, report, should_cancel)
+        return output
 
     def local(ref: ModelReference) -> ModelReference:
         slot = next(s for s in plan.details["slots"] if s.reference == ref)
@@ -154,7 +161,28 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     )
     with observed(mergekit.merge, stage.name, report, should_cancel), _threads_for(config.merge_method):
         mergekit.merge.run_merge(config, str(out_dir), options=options)
-    return StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge")
+    return output
+
+
+def _engine_plan(plan: StagePlan, dirs: list[Path]) -> engine.MergePlan | None:
+    """The one predicate: engine.prepare plans the merge or says why it cannot (then mergekit runs it)."""
+    if "chat_template" in plan.details:
+        return None
+    local = {str(s.reference): dirs[s.model_input] for s in plan.details["slots"] if s.adapter_input is None}
+    try:
+        return engine.prepare(plan.stage.merge, local)
+    except engine.Unsupported:
+        return None
+
+
+def _run_engine(native: engine.MergePlan, stage: MergeStage, out_dir: Path, report: Reporter, should_cancel: CancelCheck) -> None:
+    def on_tensor(done: int, total: int) -> None:
+        report(ProgressEvent(stage.name, "progress", done, total, "tensors"))
+        if should_cancel():
+            raise Cancelled(f"stage {stage.name} cancelled")
+
+    report(ProgressEvent(stage.name, "progress", 0, len(native.tensors), "tensors"))
+    engine.execute(native, out_dir, seed=stage.seed, device=Settings().device, on_tensor=on_tensor)
 
 
 @contextmanager
