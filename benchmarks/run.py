@@ -3,14 +3,16 @@
 
 One command, from the repo root:
 
-    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties,fold,q8_0,q4_k_m] [--work DIR]
+    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties,fold,q8_0,q4_k_m] [--work DIR] [--base DIR]
 
-1. prepare: import Gemma 3 270M into a benchmark store and copy it to <work>/models/base; fold each
-   fixture LoRA adapter into it (float32, saved as bf16) as <work>/models/ft-{sentiment,json}.
-   Every step whose output exists is skipped.
+1. prepare: import Gemma 3 270M into a benchmark store (or copy the directory --base names) to
+   <work>/models/base; fold each fixture LoRA adapter into it (float32, saved as bf16) as
+   <work>/models/ft-{sentiment,json}. Every step whose output exists is skipped.
 2. for each method, run both CLIs end to end (Python start-up included) on the same merge, in
    alternating order, measuring each child's wall time and peak RSS (os.wait4 reports the usage
-   of that one child).
+   of that one child). Merge methods are measured twice on merger's side: `merger run` (the CLI,
+   which hands these configs to merger's engine) and the engine alone (benchmarks/engine_merge.py,
+   the same command line as mergekit-yaml).
    fold: both fixture adapters at weight 1.0 into the base, merger's adapters stage vs
    benchmarks/peft_fold.py. q8_0, q4_k_m: the base quantized to GGUF, merger's quantize stage vs
    benchmarks/llama_cpp_quantize.py (the same llama.cpp converter, then its quantizer).
@@ -107,7 +109,10 @@ def build(out: Path, make: Callable[[Path], None]) -> None:
     tmp.rename(out)
 
 
-def import_base(work: Path, dest: Path) -> None:
+def import_base(work: Path, dest: Path, source: Path | None) -> None:
+    if source is not None:
+        shutil.copytree(source, dest, copy_function=shutil.copyfile)
+        return
     env = merger_env(work)
     result = subprocess.run([str(BIN / "merger"), "import-gguf", "--json"], env=env, capture_output=True, text=True, check=True)
     shutil.copytree(json.loads(result.stdout)["path"], dest, copy_function=shutil.copyfile)
@@ -124,10 +129,10 @@ def fold(base: Path, adapter: Path, dest: Path) -> None:
         shutil.copyfile(tokenizer_file, dest / tokenizer_file.name)
 
 
-def prepare(work: Path) -> Path:
+def prepare(work: Path, base: Path | None) -> Path:
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
-    build(models / "base", lambda tmp: import_base(work, tmp))
+    build(models / "base", lambda tmp: import_base(work, tmp, base))
     for task in FINE_TUNES:
         build(models / f"ft-{task}", lambda tmp, task=task: fold(models / "base", ADAPTERS / task, tmp))
     return models
@@ -157,7 +162,7 @@ def write_yaml(path: Path, data: dict) -> Path:
 # one method: both CLIs, alternating who goes first
 
 
-def bench(method: str, order: int, work: Path, models: Path) -> Row:
+def bench(method: str, order: int, work: Path, models: Path) -> list[Row]:
     runs = work / "runs" / method
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
@@ -195,24 +200,35 @@ def bench(method: str, order: int, work: Path, models: Path) -> Row:
     def run_merger() -> Measured:
         return measure([str(BIN / "merger"), "run", str(merger_cfg), "--force", "--json"], env, runs / "merger")
 
-    console.print(f"[bold]{method}[/]: {f'{peer}, then merger' if order % 2 == 0 else f'merger, then {peer}'}")
-    if order % 2 == 0:
-        pr, mg = run_peer(), run_merger()
-    else:
-        mg, pr = run_merger(), run_peer()
+    engine_out = runs / "engine-out"
 
-    merger_out = Path(json.loads(mg.stdout)["path"])
-    if method in GGUF_METHODS:
-        equal = same_gguf_tensors(peer_out, next(merger_out.glob("*.gguf")))
+    def run_engine() -> Measured:
+        return measure([sys.executable, str(Path(__file__).parent / "engine_merge.py"), peer_cmd[1], str(engine_out),
+                        "--random-seed", str(SEED)], merger_env(work), runs / "engine")
+
+    ours = [("merger run", run_merger)] + ([("merger engine", run_engine)] if peer == "mergekit-yaml" else [])
+    console.print(f"[bold]{method}[/]: {f'{peer} first' if order % 2 == 0 else f'{peer} last'}")
+    if order % 2 == 0:
+        pr, measured = run_peer(), [(label, run()) for label, run in ours]
     else:
-        equal = same_tensors(peer_out / "model.safetensors", merger_out / "model.safetensors")
-    console.print(f"  outputs equal: {'[green]yes' if equal else '[red]NO'}[/]")
-    return Row(
-        method, peer,
-        round(pr.seconds, 2), round(mg.seconds, 2), round(mg.seconds / pr.seconds, 3),
-        round(pr.peak_rss_gb, 3), round(mg.peak_rss_gb, 3), round(mg.peak_rss_gb / pr.peak_rss_gb, 3),
-        equal,
-    )
+        measured = [(label, run()) for label, run in ours]
+        pr = run_peer()
+
+    rows = []
+    for label, mg in measured:
+        merger_out = Path(json.loads(mg.stdout)["path"]) if label == "merger run" else engine_out
+        if method in GGUF_METHODS:
+            equal = same_gguf_tensors(peer_out, next(merger_out.glob("*.gguf")))
+        else:
+            equal = same_tensors(peer_out / "model.safetensors", merger_out / "model.safetensors")
+        console.print(f"  {label}: outputs equal: {'[green]yes' if equal else '[red]NO'}[/]")
+        rows.append(Row(
+            f"{method} ({label})", peer,
+            round(pr.seconds, 2), round(mg.seconds, 2), round(mg.seconds / pr.seconds, 3),
+            round(pr.peak_rss_gb, 3), round(mg.peak_rss_gb, 3), round(mg.peak_rss_gb / pr.peak_rss_gb, 3),
+            equal,
+        ))
+    return rows
 
 
 def fold_recipe() -> dict:
@@ -243,15 +259,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work", help="inputs, outputs, store, results")
+    parser.add_argument("--base", type=Path, help="a Gemma 3 270M directory to copy as the base instead of importing it")
     args = parser.parse_args()
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
     work = args.work.resolve()
 
-    console.print(f"cores: {os.cpu_count()}  mergekit {version('mergekit')}  torch {version('torch')}  transformers {version('transformers')}")
-    models = prepare(work)
-    rows = [bench(method, i, work, models) for i, method in enumerate(methods)]
+    console.print(f"cores: {os.cpu_count()}  load average {os.getloadavg()}  mergekit {version('mergekit')}  torch {version('torch')}  transformers {version('transformers')}")
+    models = prepare(work, args.base)
+    rows = [row for i, method in enumerate(methods) for row in bench(method, i, work, models)]
+    console.print(f"load average after: {os.getloadavg()}")
 
     table = Table(title="merger run vs its peer (end-to-end CLI, Gemma 3 270M: base + 2 fine-tunes; fold: base + 2 LoRAs)")
     for header in ("method", "peer", "peer s", "merger s", "time ratio", "peer peak RSS GB", "merger peak RSS GB", "RSS ratio", "outputs equal"):
