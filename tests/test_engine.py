@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merger.engine import Unsupported, execute, prepare
-from merger.engine.topk import _kth_largest_code, argsort_mask, top_k_mask
+from merger.engine.topk import argsort_mask, top_k_mask
 from tests.tiny_models import make_family, write_yaml
 
 MERGEKIT_YAML = str(Path(sys.executable).parent / "mergekit-yaml")
@@ -125,18 +125,22 @@ def test_ties_at_the_cut(method, families, tmp_path):
              - load_file(families / "tied-base" / "model.safetensors")["model.embed_tokens.weight"])
     magnitudes = delta.abs().reshape(-1).float()
     k = int(0.5 * magnitudes.numel())
-    _, above, tied = _kth_largest_code(magnitudes.view(torch.int32), k)
+    kth = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
+    above, tied = int((magnitudes > kth).sum()), int((magnitudes == kth).sum())
     assert above < k < above + tied  # the planted ties straddle the cut
     ours, theirs = run_both(config, families, tmp_path)
     assert_same_output(ours, theirs)
 
 
-def test_top_k_mask_matches_argsort_on_ties():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_top_k_mask_matches_argsort_on_ties(dtype):
     generator = torch.Generator().manual_seed(1)
-    for n, values in [(5000, 3), (40000, 7), (257, 2), (100000, 50)]:
-        w = torch.randint(0, values, (n,), generator=generator).float()
+    for n, values in [(5000, 3), (40000, 7), (257, 2), (100000, 50), (3, 2)]:
+        w = (torch.randint(0, values, (n,), generator=generator) / 8).to(dtype)
         for k in (1, n // 3, n // 2, n - 1):
             assert torch.equal(top_k_mask(w, k), argsort_mask(w, k)), (n, values, k)
+    w = (torch.randn(300000, generator=generator) * 0.02).to(dtype).abs()
+    assert torch.equal(top_k_mask(w, 150000), argsort_mask(w, 150000))
 
 
 @pytest.mark.parametrize("change,reason", [

@@ -25,10 +25,7 @@ def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tens
     if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    magnitudes = tensor.abs().reshape(-1)
-    if magnitudes.device.type == "cpu":
-        magnitudes = magnitudes.float()
-    mask = top_k_mask(magnitudes, k).to(tensor.dtype)
+    mask = top_k_mask(tensor.abs().reshape(-1), k).to(tensor.dtype)
     return _masked(tensor, mask.reshape_as(tensor), rescale)
 
 
