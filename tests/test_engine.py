@@ -167,3 +167,15 @@ def test_unsupported_architecture_goes_to_mergekit(families, tmp_path):
     merge = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 1.0}}]}
     with pytest.raises(Unsupported, match="NoSuchForCausalLM"):
         prepare(merge, {"a": odd, "b": families / "gemma3-ft2"})
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_elementwise_methods_in_row_chunks(method, families, tmp_path, monkeypatch):
+    """Large tensors of elementwise methods are merged a run of rows at a time: the same bytes."""
+    from merger.engine import run
+
+    monkeypatch.setattr(run, "CHUNK_BYTES", 700)  # tiny: every matrix is split, unevenly
+    ours, theirs = run_both(configs("gemma3")[method], families, tmp_path)
+    assert len(run._row_chunks(prepare(absolute(configs("gemma3")[method], families), {
+        str(families / f"gemma3-{m}"): families / f"gemma3-{m}" for m in ("base", "ft1", "ft2")}).tensors[0], True)) > 2
+    assert_same_output(ours, theirs)

@@ -28,6 +28,7 @@ class Method:
     per_non_base: tuple[Param, ...] = ()
     exact_inputs: int | None = None
     randomized: bool = False
+    elementwise: bool = False  # each output element depends on the same element of the inputs only
 
     def check_inputs(self, count: int, has_base: bool) -> None:
         from merger.engine.config import Unsupported
@@ -135,7 +136,7 @@ class TaskArithmetic:
             shared=(Param("int8_mask", bool, False), Param("normalize", bool, self.default_normalize),
                     Param("rescale", bool, self.default_rescale), Param("lambda", float, 1.0)),
             per_non_base=(Param("weight", float), Param("density", float, 1.0), *self.extra),
-            randomized=self.sparsification == "random",
+            randomized=self.sparsification == "random", elementwise=self.sparsification is None,
         )
 
 
@@ -149,7 +150,7 @@ def _sign_consensus(deltas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 GAMMA = Param("gamma", float, 0.01)
 METHODS: dict[str, Method] = {
     "linear": Method("linear", linear, needs_base=False, shared=(Param("normalize", bool, True),),
-                     per_input=(Param("weight", float),)),
+                     per_input=(Param("weight", float),), elementwise=True),
     "slerp": Method("slerp", slerp, needs_base=True, shared=(Param("t", float),), exact_inputs=2),
     **{name: variant.method(name) for name, variant in {
         "task_arithmetic": TaskArithmetic(None, False, False, False),

@@ -16,6 +16,7 @@ from merger.engine.safetensors_io import PlannedFile, StoredTensor, TensorSpec, 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_SHARD_BYTES = 5 * 1000**3  # mergekit's default out_shard_size
+CHUNK_BYTES = 16 * 1024**2  # of output, per step of an elementwise method on a large tensor
 # what mergekit copies as the tokenizer when the config has no tokenizer section
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "chat_template.jinja", "generation_config.json",
@@ -104,19 +105,20 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
             if seed is not None:
                 torch.manual_seed(seed)
             for done, output in enumerate(merge.tensors, start=1):
-                tensors = [load(i).to(device) for i in output.inputs]
-                if load_dtype:
-                    tensors = [t.to(load_dtype) for t in tensors]
-                dtype = tensors[0].dtype
-                for t in tensors[1:]:
-                    dtype = torch.promote_types(dtype, t.dtype)
-                tensors = [t.to(dtype) for t in tensors]
                 base_index = config.models.index(config.base) if config.base is not None and method.needs_base else None
                 shared = config.shared(output.name, output.t)
                 inputs = [config.per_model(m, output.name, output.t) for m in config.models]
-                result = method.merge(tensors, base_index, shared, inputs)
-                where[output.name].write(output.name, result.to(output.spec.dtype))
-                del tensors, result
+                for rows in _row_chunks(output, method.elementwise):
+                    tensors = [load(i, rows).to(device) for i in output.inputs]
+                    if load_dtype:
+                        tensors = [t.to(load_dtype) for t in tensors]
+                    dtype = tensors[0].dtype
+                    for t in tensors[1:]:
+                        dtype = torch.promote_types(dtype, t.dtype)
+                    tensors = [t.to(dtype) for t in tensors]
+                    result = method.merge(tensors, base_index, shared, inputs)
+                    where[output.name].write(output.name, result.to(output.spec.dtype), rows.start if rows else 0)
+                    del tensors, result
                 if on_tensor:
                     on_tensor(done, len(merge.tensors))
     finally:
@@ -128,6 +130,15 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
     for name in TOKENIZER_FILES:
         if (merge.donor / name).exists():
             shutil.copyfile(merge.donor / name, out_dir / name)
+
+
+def _row_chunks(output: OutputTensor, elementwise: bool) -> list[slice | None]:
+    """Elementwise methods run on bounded runs of rows (the same arithmetic per element); others on the whole tensor."""
+    shape = output.spec.shape
+    if not elementwise or len(shape) < 2 or output.spec.nbytes <= CHUNK_BYTES:
+        return [None]
+    rows = max(1, CHUNK_BYTES * shape[0] // output.spec.nbytes)
+    return [slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
 
 
 def _shard_names(count: int) -> list[str]:

@@ -76,15 +76,20 @@ def _buffer(tensor: torch.Tensor):
     return (ctypes.c_ubyte * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
 
 
-def load(stored: StoredTensor) -> torch.Tensor:
-    """One tensor read from its byte range (the file is opened per tensor; the page cache is the only cache)."""
-    tensor = torch.empty(stored.spec.shape, dtype=stored.spec.dtype)
+def load(stored: StoredTensor, rows: slice | None = None) -> torch.Tensor:
+    """One tensor, or a range of its rows, read from its bytes (the file is opened per read; the page cache is
+    the only cache)."""
+    shape, start = stored.spec.shape, 0
+    if rows is not None:
+        row_bytes = stored.spec.nbytes // shape[0]
+        shape, start = (rows.stop - rows.start, *shape[1:]), rows.start * row_bytes
+    tensor = torch.empty(shape, dtype=stored.spec.dtype)
     if tensor.numel():
         fd = os.open(stored.path, os.O_RDONLY)
         try:
             view, done = memoryview(_buffer(tensor)).cast("B"), 0
             while done < len(view):
-                read = os.preadv(fd, [view[done:]], stored.offset + done)
+                read = os.preadv(fd, [view[done:]], stored.offset + start + done)
                 if read == 0:
                     raise OSError(f"{stored.path} ends inside a tensor")
                 done += read
@@ -119,16 +124,18 @@ class PlannedFile:
         os.pwrite(self.fd, header, 0)
         os.ftruncate(self.fd, len(header) + sum(spec.nbytes for spec in specs.values()))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """The tensor, or rows of it starting at ``first_row``, written to their place."""
         spec = self.specs[name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"{name}: planned {spec}, computed {tensor.dtype} {tuple(tensor.shape)}")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape[1:]) != spec.shape[1:] or first_row + len(tensor) > (spec.shape or (1,))[0]:
+            raise ValueError(f"{name}: planned {spec}, computed {tensor.dtype} {tuple(tensor.shape)} at row {first_row}")
         tensor = tensor.detach().to("cpu").contiguous()
         if not tensor.numel():
             return
+        start = self.offsets[name] + first_row * (spec.nbytes // spec.shape[0] if spec.shape else 0)
         view, done = memoryview(_buffer(tensor)).cast("B"), 0
         while done < len(view):
-            done += os.pwrite(self.fd, view[done:], self.offsets[name] + done)
+            done += os.pwrite(self.fd, view[done:], start + done)
 
     def close(self) -> None:
         os.close(self.fd)
