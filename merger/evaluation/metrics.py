@@ -8,7 +8,8 @@
   greedily for (answer tokens + 1) new tokens; right when the decoded continuation (special tokens
   skipped) starts with the answer exactly. ``batch_size`` examples are decoded together (left-padded, each
   stopping at its own length or end of sequence): the same tokens as one at a time.
-- KL divergence (a quantized model against its unquantized source, on a perplexity text's windows): the
+- KL divergence (a quantized model against its unquantized source, on a perplexity text's windows as the
+  source tokenizes them; the source runs once for all its quantized models): the
   mean over scored tokens of KL(source || quantized) of the next-token distributions, and the fraction of
   tokens whose most likely next token is the same in both (llama.cpp's perplexity tool reports these two
   as "Mean KLD" and "Same top p"; it scores only the second half of each window, merger every token after
@@ -55,28 +56,35 @@ def perplexity(lm: "LoadedModel", text: str, *, window: int, limit: int | None, 
     return Measured(values, sum(map(len, windows)), seconds)
 
 
-def kl_divergence(lm: "LoadedModel", source: "LoadedModel", text: str, *, window: int, limit: int | None, step: Step) -> Measured:
-    """How far ``lm`` (a quantized model) is from ``source`` (its unquantized model) on the perplexity windows:
-    mean KL(source || lm) of the next-token distributions, and how often their most likely tokens agree.
+def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str, *, window: int, limit: int | None,
+                  step: Step) -> list[Measured]:
+    """How far each of ``models`` (quantized copies of ``source``) is from ``source`` on the perplexity windows
+    (``source``'s tokenization): the mean KL(source || model) of the next-token distributions, and how often
+    their most likely tokens agree.
 
-    Both score the same token ids (``lm``'s tokenization), one window at a time: a window's distributions
-    are length × vocabulary floats for each model.
+    A window at a time: its distributions are length × vocabulary floats per model; the source's serve all.
     """
-    windows = perplexity_windows(lm, text, window)[:limit or None]
-    started, kl, agree, scored = time.perf_counter(), 0.0, 0, 0
+    windows = perplexity_windows(source, text, window)[:limit or None]
+    kl, agree, seconds = [0.0] * len(models), [0] * len(models), [0.0] * len(models)
     step(0, len(windows))
     for done, ids in enumerate(windows, start=1):
-        quantized, reference = lm.next_token_logprobs(ids), source.next_token_logprobs(ids)
-        if quantized.shape != reference.shape:
-            raise DataError(f"the quantized model's vocabulary ({quantized.shape[-1]}) differs from its source's "
-                            f"({reference.shape[-1]}); their distributions can't be compared")
-        kl += float((reference.exp() * (reference - quantized)).sum(-1).double().sum())
-        agree += int((reference.argmax(-1) == quantized.argmax(-1)).sum())
-        scored += len(ids) - 1
+        started = time.perf_counter()
+        reference = source.next_token_logprobs(ids)
+        shared = (time.perf_counter() - started) / len(models)
+        for i, lm in enumerate(models):
+            started = time.perf_counter()
+            logprobs = lm.next_token_logprobs(ids)
+            if logprobs.shape != reference.shape:
+                raise DataError(f"a quantized model's vocabulary ({logprobs.shape[-1]}) differs from its source's "
+                                f"({reference.shape[-1]}); their distributions can't be compared")
+            kl[i] += float((reference.exp() * (reference - logprobs)).sum(-1).double().sum())
+            agree[i] += int((reference.argmax(-1) == logprobs.argmax(-1)).sum())
+            seconds[i] += shared + time.perf_counter() - started
         step(done, len(windows))
-    values = {"kl_divergence": kl / scored, "top1_agreement": agree / scored, "scored_tokens": scored,
-              "windows": len(windows), "window": len(windows[0])}
-    return Measured(values, 2 * sum(map(len, windows)), time.perf_counter() - started)
+    scored = sum(len(ids) - 1 for ids in windows)
+    return [Measured({"kl_divergence": kl[i] / scored, "top1_agreement": agree[i] / scored, "scored_tokens": scored,
+                      "windows": len(windows), "window": len(windows[0])}, sum(map(len, windows)), seconds[i])
+            for i in range(len(models))]
 
 
 def perplexity_windows(lm: "LoadedModel", text: str, window: int) -> list[list[int]]:

@@ -110,9 +110,10 @@ def _unquantized(store: Store, model: ModelRow) -> tuple[Path | None, str | None
 def evaluate(store: Store, models: list[ModelRow], data: list[DataFile], options: Options, *, stage: str = "eval",
              force: bool = False, report: Reporter = no_report,
              should_cancel: CancelCheck = never_cancel) -> Report:
-    """Measure every subject on every data file (cached results are reused unless ``force``); a quantized
-    subject is also compared with its unquantized source on each perplexity text (KL divergence)."""
+    """Measure every subject on every data file (cached results are reused unless ``force``); then compare
+    each quantized subject with its unquantized source on each perplexity text (KL divergence)."""
     out = Report(data, subjects(store, models, parents=options.parents))
+    comparisons: dict[tuple[str, DataFile], list[tuple[Subject, Runtime, str]]] = {}  # by (source id, text)
     for subject in out.subjects:
         model_dir = store.path_of(subject.model)
         if not model_dir.is_dir():
@@ -124,23 +125,42 @@ def evaluate(store: Store, models: list[ModelRow], data: list[DataFile], options
             cached = None if force else store.evaluation(key)
             if cached is not None:
                 out.results.append(Result(subject, item, cached, True))
+            elif metric == KL_DIVERGENCE:
+                comparisons.setdefault((subject.source_id, item), []).append((subject, runtime, key))
             else:
                 todo.setdefault(runtime.name, []).append((item, metric, key))
         runtimes = {runtime.name: runtime for _, _, runtime in plans}
         for name, items in todo.items():
             lm = runtimes[name].load(model_dir, dtype=options.dtype, tokenizer_dir=subject.tokenizer_dir)
-            source = None
             for item, metric, key in items:
-                if metric == KL_DIVERGENCE and source is None:
-                    source = Transformers().load(subject.tokenizer_dir, dtype=options.dtype)
-                step = _stepper(stage, f"{_name(subject.model)} · {item.label}{' · KL' if metric == KL_DIVERGENCE else ''}",
-                                metric, report, should_cancel)
-                measured = _measure(lm, item, metric, options, step, store, source)
+                step = _stepper(stage, f"{_name(subject.model)} · {item.label}", metric, report, should_cancel)
+                measured = _measure(lm, item, metric, options, step, store)
                 row = _row(key, subject, item, metric, runtimes[name], options, measured)
                 store.save_evaluation(row)
                 out.results.append(Result(subject, item, row, False))
-            del lm, source
+            del lm
+    for (source_id, item), quantized in comparisons.items():
+        out.results += _compare(store, store.get(source_id), item, quantized, options,
+                                _stepper(stage, f"KL from {_name(store.get(source_id))} · {item.label}", KL_DIVERGENCE, report, should_cancel))
     return out
+
+
+def _compare(store: Store, source: ModelRow, item: DataFile, quantized: list[tuple[Subject, Runtime, str]], options: Options,
+             step: metrics.Step) -> list[Result]:
+    """Every quantized model of one source against it on one text, all loaded at once: the source runs once."""
+    reference = Transformers().load(store.path_of(source), dtype=options.dtype)
+    lms = [runtime.load(store.path_of(subject.model), dtype=options.dtype, tokenizer_dir=subject.tokenizer_dir)
+           for subject, runtime, _ in quantized]
+    try:
+        measured = metrics.kl_divergence(reference, lms, read_text(item.path), window=options.window, limit=options.limit, step=step)
+    except DataError as exc:
+        raise DataError(f"{item.path}: {exc}") from None
+    results = []
+    for (subject, runtime, key), one in zip(quantized, measured, strict=True):
+        row = _row(key, subject, item, KL_DIVERGENCE, runtime, options, one)
+        store.save_evaluation(row)
+        results.append(Result(subject, item, row, False))
+    return results
 
 
 def _metrics(item: DataFile, subject: Subject) -> list[str]:
@@ -184,16 +204,13 @@ def _row(key: str, subject: Subject, item: DataFile, metric: str, runtime: Runti
                          versions=_versions(metric, runtime))
 
 
-def _measure(lm: LoadedModel, item: DataFile, metric: str, options: Options, step: metrics.Step, store: Store,
-             source: LoadedModel | None) -> metrics.Measured:
+def _measure(lm: LoadedModel, item: DataFile, metric: str, options: Options, step: metrics.Step, store: Store) -> metrics.Measured:
     if metric == LM_EVAL:
         with store.staging() as work:  # the datasets library's cache of the task data
             return harness.run_task(lm.model, lm.tokenizer, item.harness_task, limit=options.limit,
                                     batch_size=options.batch_size, cache_dir=work, step=step)
     text_or_examples = read_text(item.path) if item.metric == PERPLEXITY else read_examples(item.path, options.limit)
     try:
-        if metric == KL_DIVERGENCE:
-            return metrics.kl_divergence(lm, source, text_or_examples, window=options.window, limit=options.limit, step=step)
         if metric == PERPLEXITY:
             return metrics.perplexity(lm, text_or_examples, window=options.window, limit=options.limit,
                                       batch_size=options.batch_size, step=step)
