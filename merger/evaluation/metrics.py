@@ -108,10 +108,13 @@ def generation_accuracy(lm: "LoadedModel", examples: list[Generation], *, batch_
     started, right, tokens = time.perf_counter(), 0, 0
     prompts = [lm.encode(example.prompt, special=True) for example in examples]
     budgets = [len(lm.encode(example.answer, special=False)) + 1 for example in examples]
+    # examples of similar lengths decode together: less padding, and fewer rows that wait for the longest
+    order = sorted(range(len(examples)), key=lambda i: (budgets[i], len(prompts[i])))
     step(0, len(examples))
     for batch in _batches(len(examples), batch_size):
-        outputs = lm.greedy_batch([prompts[i] for i in batch], [budgets[i] for i in batch])
-        for i, new in zip(batch, outputs, strict=True):
+        chosen = [order[i] for i in batch]
+        outputs = lm.greedy_batch([prompts[i] for i in chosen], [budgets[i] for i in chosen])
+        for i, new in zip(chosen, outputs, strict=True):
             right += lm.decode(new).startswith(examples[i].answer)
             tokens += len(prompts[i]) + len(new)
         step(batch.stop, len(examples))
