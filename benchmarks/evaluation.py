@@ -193,12 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     sides = ({"before": args.before.resolve()} if str(args.before) else {}) | {"after": REPO}
     console.print(f"cores: {os.cpu_count()}  load: {os.getloadavg()}  sides: {sides}")
     results = {}
-    if "validate" in sections:
-        results["validate"] = validate_section(sides, args.store.resolve(), work)
-    if "accuracy" in sections:
-        results["accuracy"] = accuracy_section(side_store(args.store.resolve(), work / "accuracy-home"), work)
     if "evaluate" in sections:
         results["evaluate"] = evaluate_section(sides, args.store.resolve(), work)
+    if "accuracy" in sections:
+        results["accuracy"] = accuracy_section(side_store(args.store.resolve(), work / "accuracy-home"), work)
+    if "validate" in sections:
+        results["validate"] = validate_section(sides, args.store.resolve(), work)
     console.print(f"load after: {os.getloadavg()}")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"written to {work / 'results.json'}")
