@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's merger, whatever the venv has installed
 FIXTURES = Path(os.environ.get("MERGER_FIXTURES", REPO.parent / "shared" / "fixtures"))
 RECIPE = REPO / "recipes" / "gemma-tasks-quantized.yaml"
 SECTIONS = ("evaluate", "accuracy", "validate")

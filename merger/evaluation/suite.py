@@ -119,7 +119,7 @@ def evaluate(store: Store, models: list[ModelRow], data: list[DataFile], options
         if not model_dir.is_dir():
             raise CannotEvaluate(f"{_name(subject.model)}: its files are gone ({model_dir})")
         plans = [(item, metric, _runtime(model_dir, item, options)) for item in data for metric in _metrics(item, subject)]
-        todo: dict[str, list[tuple[DataFile, str, str]]] = {}
+        todo: dict[str, list[tuple[DataFile, str]]] = {}
         for item, metric, runtime in plans:
             key = _key(subject, item, metric, runtime, options)
             cached = None if force else store.evaluation(key)
@@ -128,14 +128,14 @@ def evaluate(store: Store, models: list[ModelRow], data: list[DataFile], options
             elif metric == KL_DIVERGENCE:
                 comparisons.setdefault((subject.source_id, item), []).append((subject, runtime, key))
             else:
-                todo.setdefault(runtime.name, []).append((item, metric, key))
+                todo.setdefault(runtime.name, []).append((item, key))
         runtimes = {runtime.name: runtime for _, _, runtime in plans}
         for name, items in todo.items():
             lm = runtimes[name].load(model_dir, dtype=options.dtype, tokenizer_dir=subject.tokenizer_dir)
-            for item, metric, key in items:
-                step = _stepper(stage, f"{_name(subject.model)} · {item.label}", metric, report, should_cancel)
-                measured = _measure(lm, item, metric, options, step, store)
-                row = _row(key, subject, item, metric, runtimes[name], options, measured)
+            for item, key in items:
+                step = _stepper(stage, f"{_name(subject.model)} · {item.label}", item.metric, report, should_cancel)
+                measured = _measure(lm, item, options, step, store)
+                row = _row(key, subject, item, item.metric, runtimes[name], options, measured)
                 store.save_evaluation(row)
                 out.results.append(Result(subject, item, row, False))
             del lm
@@ -204,17 +204,17 @@ def _row(key: str, subject: Subject, item: DataFile, metric: str, runtime: Runti
                          versions=_versions(metric, runtime))
 
 
-def _measure(lm: LoadedModel, item: DataFile, metric: str, options: Options, step: metrics.Step, store: Store) -> metrics.Measured:
-    if metric == LM_EVAL:
+def _measure(lm: LoadedModel, item: DataFile, options: Options, step: metrics.Step, store: Store) -> metrics.Measured:
+    if item.metric == LM_EVAL:
         with store.staging() as work:  # the datasets library's cache of the task data
             return harness.run_task(lm.model, lm.tokenizer, item.harness_task, limit=options.limit,
                                     batch_size=options.batch_size, cache_dir=work, step=step)
     text_or_examples = read_text(item.path) if item.metric == PERPLEXITY else read_examples(item.path, options.limit)
     try:
-        if metric == PERPLEXITY:
+        if item.metric == PERPLEXITY:
             return metrics.perplexity(lm, text_or_examples, window=options.window, limit=options.limit,
                                       batch_size=options.batch_size, step=step)
-        if metric == GENERATION:
+        if item.metric == GENERATION:
             return metrics.generation_accuracy(lm, text_or_examples, batch_size=options.batch_size, step=step)
         return metrics.choice_accuracy(lm, text_or_examples, batch_size=options.batch_size, step=step)
     except DataError as exc:
