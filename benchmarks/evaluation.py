@@ -77,17 +77,30 @@ def side_env(checkout: Path, home: Path) -> dict[str, str]:
                          "MERGER_MODEL_ROOTS": f"{FIXTURES}{os.pathsep}{home / 'data'}"}
 
 
-def evaluate_section(sides: dict[str, Path], template: Path, work: Path) -> dict:
-    out = {}
+def evaluate_section(sides: dict[str, Path], template: Path, work: Path, *, limit: int | None, concurrent: bool) -> dict:
+    recipe = yaml.safe_load(RECIPE.read_text())
+    if limit:
+        for stage in recipe["stages"]:
+            if "evaluate" in stage:
+                stage["evaluate"]["limit"] = limit
+    recipe_path = work / "quickstart.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    runs = {}
     for side, checkout in sides.items():
         home = side_store(template, work / f"{side}-home")
-        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "evaluate_stage.py"), str(RECIPE)],
-                              env=side_env(checkout, home), capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"evaluate ({side}) failed:\n{done.stderr[-3000:]}")
-        out[side] = json.loads(done.stdout)
+        runs[side] = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "evaluate_stage.py"), str(recipe_path)],
+                                      env=side_env(checkout, home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not concurrent:
+            runs[side].wait()
+    out = {}
+    for side, run in runs.items():
+        stdout, stderr = run.communicate()
+        if run.returncode != 0:
+            sys.exit(f"evaluate ({side}) failed:\n{stderr[-3000:]}")
+        out[side] = json.loads(stdout)
         console.print(f"evaluate stage, {side}: {out[side]['seconds']:.1f} s")
-    table = Table(title="the quickstart's evaluate stage (6 models, 2 tasks x 50, perplexity text)")
+    table = Table(title=f"the quickstart's evaluate stage (6 models, 2 tasks x {limit or 50}, perplexity text)"
+                        f"{', both sides at once' if concurrent else ''}")
     for heading in ("model", "metric", "data", *sides, "seconds " + " / ".join(sides)):
         table.add_column(heading)
     rows = {side: {(r["model"], r["metric"], r["dataset"]): r for r in out[side]["results"]} for side in sides}
@@ -185,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before", type=Path, default=REPO.parent / "main", help="the checkout to compare with ('' for none)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work" / "evaluation")
+    parser.add_argument("--limit", type=int, help="evaluate: examples per task file and windows of text (the recipe says 50)")
+    parser.add_argument("--concurrent", action="store_true", help="evaluate: run both sides at once (same load on both)")
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
     if unknown := set(sections) - set(SECTIONS):
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"cores: {os.cpu_count()}  load: {os.getloadavg()}  sides: {sides}")
     results = {}
     if "evaluate" in sections:
-        results["evaluate"] = evaluate_section(sides, args.store.resolve(), work)
+        results["evaluate"] = evaluate_section(sides, args.store.resolve(), work, limit=args.limit, concurrent=args.concurrent)
     if "accuracy" in sections:
         results["accuracy"] = accuracy_section(side_store(args.store.resolve(), work / "accuracy-home"), work)
     if "validate" in sections:
