@@ -40,6 +40,9 @@ from safetensors.torch import load_file
 
 from merger.recipe import RANDOMIZED_METHODS
 
+sys.path.insert(0, str(Path(__file__).parent))
+import evaluation  # noqa: E402 - benchmarks/evaluation.py, beside this file
+
 METHODS = ("linear", "slerp", "ties", "dare_ties", "fold", "q8_0", "q4_k_m")
 GGUF_METHODS = ("q8_0", "q4_k_m")
 # the LoRA fixtures live beside the checkout (../shared/fixtures), as on every developer and CI machine
@@ -260,6 +263,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work", help="inputs, outputs, store, results")
     parser.add_argument("--base", type=Path, help="a Gemma 3 270M directory to copy as the base instead of importing it")
+    parser.add_argument("--evaluation", type=Path, metavar="STORE", help="then benchmarks/evaluation.py on STORE (see there)")
     args = parser.parse_args()
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS):
@@ -279,6 +283,8 @@ def main() -> None:
     console.print(table)
     (work / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     console.print(f"rows written to {work / 'results.json'}")
+    if args.evaluation:
+        evaluation.main(["--store", str(args.evaluation)])
 
 
 if __name__ == "__main__":

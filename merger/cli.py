@@ -23,6 +23,7 @@ from merger import graph
 from merger.db import ModelRow
 from merger.errors import MergerError, RecipeError
 from merger.formatting import human_size as _size
+from merger.noise import silence_libraries
 from merger.progress import ProgressEvent
 from merger.settings import Settings
 from merger.store import Store
@@ -32,6 +33,13 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let the libraries merger drives (mergekit, "
+                                                   "transformers, torch, torchao, ...) print their own warnings, logs and progress bars.")] = False) -> None:
+    if not verbose:
+        silence_libraries()
 
 
 def _context() -> tuple[Settings, Store]:
@@ -117,7 +125,7 @@ def eval_(
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (transformers)")] = "float32",
     runtime: Annotated[str, typer.Option(help="auto | transformers | llama.cpp (GGUF models)")] = "auto",
     window: Annotated[int, typer.Option(min=2, help="Perplexity window in tokens")] = 512,
-    batch_size: Annotated[int, typer.Option(min=1, help="Windows (lm-eval requests) per forward pass")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass: perplexity windows, task examples decoded together, lm-eval requests")] = 8,
     force: Annotated[bool, typer.Option("--force", help="Measure again even when results are stored")] = False,
     as_json: JsonFlag = False,
 ) -> None:

@@ -84,6 +84,15 @@ class CacheRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class FileHashRow(Base):
+    __tablename__ = "file_hashes"
+
+    file_key: Mapped[str] = mapped_column(String(300), primary_key=True, comment="host:device:inode")
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
 class RunRow(Base):
     __tablename__ = "runs"
 
@@ -203,5 +212,5 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-__all__ = ["Base", "ModelRow", "FileRow", "EdgeRow", "CacheRow", "RunRow", "EvaluationRow", "UserRow", "TokenRow", "GrantRow", "JobRow",
+__all__ = ["Base", "ModelRow", "FileRow", "EdgeRow", "CacheRow", "FileHashRow", "RunRow", "EvaluationRow", "UserRow", "TokenRow", "GrantRow", "JobRow",
            "make_sessionmaker", "Engine"]

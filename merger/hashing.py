@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +24,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def manifest(directory: Path) -> list[FileEntry]:
-    """Every regular file under ``directory`` (hidden files and folders excluded), sorted by path."""
+def manifest(directory: Path, sha256: Callable[[Path], str] = sha256_file) -> list[FileEntry]:
+    """Every regular file under ``directory`` (hidden files and folders excluded), sorted by path; ``sha256``
+    hashes one file (``merger.hash_cache.HashCache.sha256`` reuses earlier hashes of unchanged files)."""
     entries = []
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file() or path.is_symlink():
             continue
-        entries.append(FileEntry(rel.as_posix(), path.stat().st_size, sha256_file(path)))
+        entries.append(FileEntry(rel.as_posix(), path.stat().st_size, sha256(path)))
     return entries
 
 

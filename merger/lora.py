@@ -5,13 +5,16 @@ with ``scale = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA) and per-module overr
 ``rank_pattern`` / ``alpha_pattern``. Updates are accumulated in float32 and cast once.
 """
 
+from __future__ import annotations
+
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file
+if TYPE_CHECKING:  # torch is imported where tensors are made: checking an adapter's config needs none
+    import torch
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
@@ -85,7 +88,9 @@ class LoadedAdapter:
     tensors: dict[str, torch.Tensor]
 
     @classmethod
-    def load(cls, path: Path, config: dict) -> "LoadedAdapter":
+    def load(cls, path: Path, config: dict) -> LoadedAdapter:
+        from safetensors.torch import load_file
+
         tensors = load_file(path / "adapter_model.safetensors")
         found, _ = modules(config, {k: tuple(v.shape) for k, v in tensors.items()})
         return cls(path, config, {m.module + ".weight": m for m in found}, tensors)
@@ -102,6 +107,8 @@ def fold(weight: torch.Tensor, name: str, adapters: list[tuple[LoadedAdapter, fl
     updates = [(u, w) for adapter, w in adapters if (u := adapter.update_for(name)) is not None]
     if not updates:
         return weight.to(dtype)
+    import torch
+
     total = weight.to(torch.float32, copy=True)
     for update, w in updates:
         total += w * update

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merger import __version__
 from merger.card import CardInput, model_label, render_card
 from merger.db import ModelRow
 from merger.errors import Cancelled, MergerError, StageFailed
-from merger.evaluation.suite import Report
 from merger.hashing import FileEntry, digest_json, manifest, manifest_id
 from merger.planning import InputRef, StageOutput, StagePlan, plan_draft
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
@@ -29,6 +28,9 @@ from merger.settings import Settings
 from merger.stages import STAGE_RUNNERS
 from merger.store import PLACEHOLDER, Parent, Store
 
+if TYPE_CHECKING:  # the evaluation code (torch) is imported by the evaluate stage that runs it
+    from merger.evaluation.suite import Report
+
 
 @dataclass(frozen=True)
 class StageResult:
@@ -36,7 +38,7 @@ class StageResult:
     model: ModelRow | None  # None for a stage that makes no model
     cache_hit: bool  # for an evaluate stage: every result was cached
     seconds: float
-    evaluation: Report | None = None  # an evaluate stage's results
+    evaluation: "Report | None" = None  # an evaluate stage's results
     created: bool = False  # this run stored the model (not a cache hit, nor bytes that were stored already)
 
 
@@ -166,7 +168,7 @@ def _unavailable(model: ModelRow, store: Store) -> str | None:
     if not path.is_dir():
         return f"is gone: {path} does not exist"
     if model.location is not None:  # an external directory: its content may have changed since
-        now = manifest_id(manifest(path))
+        now = manifest_id(manifest(path, store.hashes.sha256))
         return f"has changed: {path} now holds content {now[:12]}" if now != model.id else None
     lacking = [f.path for f in model.files if not (path / f.path).is_file()]
     return f"is incomplete: {path} lacks {', '.join(lacking[:3])}" if lacking else None

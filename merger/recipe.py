@@ -10,16 +10,17 @@ A recipe is either a plain mergekit merge config (one ``merge`` stage named afte
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Union
 
-from mergekit.common import ModelReference
-from mergekit.config import MergeConfiguration
-from mergekit.merge_methods import registry as merge_methods
-from mergekit.merge_methods.base import BasePolicy, MergeMethod, ParameterScope, ParameterSpec
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from merger.errors import UNENCODABLE, Problem, RecipeError, format_loc
 from merger.gguf_tools import GGUF_TYPES
+
+if TYPE_CHECKING:  # mergekit (and with it torch) is imported only where a merge config is checked or run
+    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods.base import MergeMethod, ParameterSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 RANDOMIZED_METHODS = frozenset({"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
@@ -51,11 +52,13 @@ class MergeStage(_Stage):
     name: str = Field(pattern=NAME_PATTERN, description="Stage name; later stages and the store refer to it")
     merge: dict[str, Any] = Field(description="A mergekit merge configuration, unchanged")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION + ", for randomized methods (dare_*, della, breadcrumbs)")
-    _config: MergeConfiguration | None = PrivateAttr(default=None)
+    _config: Any = PrivateAttr(default=None)  # the MergeConfiguration
 
     @property
-    def config(self) -> MergeConfiguration:
+    def config(self) -> "MergeConfiguration":
         if self._config is None:
+            from mergekit.config import MergeConfiguration
+
             self._config = MergeConfiguration.model_validate(self.merge)
         return self._config
 
@@ -167,7 +170,7 @@ class EvaluateSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights dtype under transformers")
     runtime: Literal["auto", "transformers", "llama.cpp"] = Field(default="auto", description="For GGUF models: llama.cpp where installed (auto), or transformers (dequantized)")
     window: int = Field(default=512, ge=2, le=131072, description="Perplexity window in tokens (clipped to the model's context)")
-    batch_size: int = Field(default=8, gt=0, le=1024, description="Perplexity windows (lm-eval requests) per forward pass")
+    batch_size: int = Field(default=8, gt=0, le=1024, description="Sequences per forward pass: perplexity windows, task examples decoded together (left-padded), lm-eval requests")
 
     @model_validator(mode="after")
     def _some_data(self):
@@ -350,6 +353,9 @@ def check_merge_config(raw: Any, loc: tuple) -> list[Problem]:
     dtypes, the method's inputs and required parameters, tokenizer settings."""
     if not isinstance(raw, dict):
         return []  # the stage schema reports it
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge_methods import registry as merge_methods
+
     problems = _unknown_keys(MergeConfiguration, raw, loc) + _dtype_problems(raw, loc) + _tokenizer_problems(raw, loc)
     method_name = raw.get("merge_method")
     method = None
@@ -438,7 +444,7 @@ class ParameterRule:
     def noun(self) -> str:
         return f"{'an' if self.kind == 'integer' else 'a'} {self.kind}"
 
-    def problem(self, spec: ParameterSpec, value: Any) -> tuple[Any, str | None]:
+    def problem(self, spec: "ParameterSpec", value: Any) -> tuple[Any, str | None]:
         """(the value as mergekit reads it, why it is refused or None)."""
         if self.kind != "boolean" and isinstance(value, bool):
             return None, f"must be {self.noun}, not {str(value).lower()}"
@@ -501,8 +507,10 @@ def parameter_rule(method: str, name: str) -> ParameterRule:
     return METHOD_PARAMETER_RULES.get((method, name)) or PARAMETER_RULES[name]
 
 
-def _parameter_value_problems(method: MergeMethod, raw: dict, loc: tuple) -> list[Problem]:
+def _parameter_value_problems(method: "MergeMethod", raw: dict, loc: tuple) -> list[Problem]:
     """Unknown parameters, parameters set where mergekit ignores them, and every value's type and range."""
+    from mergekit.merge_methods.base import ParameterScope
+
     specs = {p.name: p for p in method.spec.parameters}
     problems = []
     for param_loc, params, per_input in _parameter_blocks(raw, loc):
@@ -520,7 +528,7 @@ def _parameter_value_problems(method: MergeMethod, raw: dict, loc: tuple) -> lis
     return problems
 
 
-def _setting_problems(spec: ParameterSpec, rule: ParameterRule, setting: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+def _setting_problems(spec: "ParameterSpec", rule: ParameterRule, setting: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
     """A setting is a value, a gradient (a list of values), or one or a list of ``{filter, value}`` conditionals."""
     conditionals = _conditionals(setting)
     if conditionals is None:
@@ -547,7 +555,7 @@ def _conditionals(setting: Any) -> list[tuple[int | None, dict]] | None:
     return None
 
 
-def _values_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+def _values_problems(spec: "ParameterSpec", rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
     if not isinstance(value, list):
         yield from _scalar_problems(spec, rule, value, loc)
         return
@@ -559,7 +567,7 @@ def _values_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: 
         yield from _scalar_problems(spec, rule, item, loc + (i,))
 
 
-def _scalar_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+def _scalar_problems(spec: "ParameterSpec", rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
     if not isinstance(value, (bool, int, float, str)):
         yield loc, f"must be {rule.noun}" + (" (a gradient is a flat list of values)" if isinstance(value, (list, dict)) else "")
         return
@@ -573,7 +581,7 @@ def _scalar_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: 
 
 @dataclass
 class _Input:
-    reference: ModelReference
+    reference: "ModelReference"
     loc: tuple  # where its own parameters are (or would be)
     scopes: list[Any]  # the parameter blocks it reads, highest precedence first: its own, slice, module, top level
 
@@ -581,12 +589,12 @@ class _Input:
 @dataclass
 class _Group:
     loc: tuple
-    base: ModelReference | None
+    base: "ModelReference | None"
     inputs: list[_Input]
     shared: list[Any]  # the parameter blocks of one-value-for-all parameters: slice, module, top level
 
 
-def _groups(config: MergeConfiguration, raw: dict, loc: tuple) -> Iterator[_Group]:
+def _groups(config: "MergeConfiguration", raw: dict, loc: tuple) -> Iterator[_Group]:
     """The groups mergekit merges (a models list, each slice), as it forms them: a base not among the models joins them."""
     outer = [raw.get("parameters")]
     if config.models:
@@ -603,22 +611,24 @@ def _groups(config: MergeConfiguration, raw: dict, loc: tuple) -> Iterator[_Grou
             yield _slice_group(out_slice, raw_slice, where + ("slices", i), config.base_model, module_outer)
 
 
-def _models_group(models, raw_models: list, loc: tuple, base: ModelReference | None, base_loc: tuple, outer: list) -> _Group:
+def _models_group(models, raw_models: list, loc: tuple, base: "ModelReference | None", base_loc: tuple, outer: list) -> _Group:
     inputs = [_Input(m.model, loc + (i, "parameters"), [raw_models[i].get("parameters"), *outer]) for i, m in enumerate(models)]
     if base is not None and all(m.model != base for m in models):
         inputs.append(_Input(base, base_loc, outer))
     return _Group(loc, base, inputs, outer)
 
 
-def _slice_group(out_slice, raw_slice: dict, loc: tuple, base: ModelReference | None, outer: list) -> _Group:
+def _slice_group(out_slice, raw_slice: dict, loc: tuple, base: "ModelReference | None", outer: list) -> _Group:
     shared = [raw_slice.get("parameters"), *outer]
     inputs = [_Input(src.model, loc + ("sources", j, "parameters"), [raw_src.get("parameters"), *shared])
               for j, (src, raw_src) in enumerate(zip(out_slice.sources, raw_slice["sources"]))]
     return _Group(loc + ("sources",), out_slice.base_model or base, inputs, shared)
 
 
-def _group_problems(method: MergeMethod, group: _Group, config_loc: tuple) -> list[Problem]:
+def _group_problems(method: "MergeMethod", group: _Group, config_loc: tuple) -> list[Problem]:
     """The method's input contract, its required parameters, and the weights and densities it can divide by."""
+    from mergekit.merge_methods.base import BasePolicy, ParameterScope
+
     name = method.spec.name
     problems = []
     if group.base is None and method.spec.contract.base == BasePolicy.REQUIRED:
@@ -647,7 +657,7 @@ def _group_problems(method: MergeMethod, group: _Group, config_loc: tuple) -> li
     return problems + _weighted_mean_problems(name, group, values) + _della_problems(name, group, values)
 
 
-def _candidates(spec: ParameterSpec, method: str, scopes: list[Any]) -> tuple[list[list] | None, bool]:
+def _candidates(spec: "ParameterSpec", method: str, scopes: list[Any]) -> tuple[list[list] | None, bool]:
     """(every value list the parameter can take for some tensor, whether every tensor gets one).
 
     Each alternative is a gradient's points (one point for a plain value). Scopes are read in precedence order,
@@ -794,6 +804,8 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 def recipe_json_schema() -> dict:
     """JSON Schema of a recipe: the ``stages`` form or a plain mergekit config, as merger enforces them."""
+    from mergekit.config import MergeConfiguration
+
     schema = Recipe.model_json_schema()
     mergekit = MergeConfiguration.model_json_schema()
     defs = schema.setdefault("$defs", {})

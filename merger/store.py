@@ -20,6 +20,7 @@ from sqlalchemy import and_, select
 from merger.access import as_seen_by
 from merger.db import CacheRow, EdgeRow, EvaluationRow, FileRow, ModelRow, RunRow, add_unless_exists, make_sessionmaker
 from merger.errors import MergerError
+from merger.hash_cache import HashCache
 from merger.hashing import FileEntry, manifest, manifest_id
 from merger.settings import Settings
 
@@ -42,6 +43,7 @@ class Store:
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         settings.staging_dir.mkdir(parents=True, exist_ok=True)
         self.session = make_sessionmaker(settings.resolved_database_url)
+        self.hashes = HashCache(self.session)
         self._remove_abandoned_staging()
 
     # --- files -----------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ class Store:
 
     def register_directory(self, path: Path, *, name: str | None = None, kind: str = "model", architecture: str | None = None) -> ModelRow:
         """Record an external directory (left where it is) by content id, so lineage can point at it."""
-        entries = manifest(path)
+        entries = manifest(path, self.hashes.sha256)
         model_id = manifest_id(entries)
         with self.session.begin() as s:
             row = self._new_row(model_id, entries, name=name or path.name, kind=kind, architecture=architecture)

@@ -144,6 +144,41 @@ def test_multiple_choice_picks_the_most_likely_continuation(settings, store, eva
     assert result.row.values == {"accuracy": pytest.approx(2 / 3), "right": 2, "examples": 3}
 
 
+@pytest.mark.parametrize("name", ["llama-base", "gemma3-base", "eval/llama-spm"])
+def test_batched_greedy_decodes_exactly_what_one_at_a_time_does(model_root, eval_root, name):
+    lm = Transformers().load(model_root / name, dtype="float32")
+    words = WORDS if name.endswith("spm") else [f"w{i}" for i in range(4, VOCAB)]
+    rng = random.Random(3)
+    prompts = [lm.encode(" ".join(rng.choice(words) for _ in range(length)), special=True) for length in (1, 7, 3, 12, 2, 5)]
+    budgets = [4, 1, 6, 3, 5, 2]
+    alone = [lm.greedy(prompt, budget) for prompt, budget in zip(prompts, budgets)]
+    assert len({len(p) for p in prompts}) == 6 and [len(a) for a in alone] == budgets
+    assert lm.greedy_batch(prompts, budgets) == alone
+    assert lm.greedy_batch(prompts[::-1], budgets[::-1]) == alone[::-1]
+
+
+def test_batched_greedy_stops_each_sequence_at_its_end_of_sequence(eval_root):
+    lm = Transformers().load(eval_root / "chain", dtype="float32")
+    eos, w40 = lm.tokenizer.eos_token_id, lm.encode("w40", special=False)[0]
+    with torch.no_grad():  # w40 is now followed by end-of-sequence
+        lm.model.lm_head.weight[:, w40] = 0.0
+        lm.model.lm_head.weight[eos, w40] = 1.0
+    prompts = [lm.encode(text, special=True) for text in ("w38", "w10 w11", "w39")]
+    out = lm.greedy_batch(prompts, [6, 6, 6])
+    assert [lm.decode(new) for new in out] == ["w39 w40", "w12 w13 w14 w15 w16 w17", "w40"]
+    assert out[0][-1] == eos and out[2][-1] == eos and len(out[1]) == 6
+    assert out == [lm.greedy(prompt, 6) for prompt in prompts]
+
+
+def test_task_accuracy_is_the_same_in_any_batch_size(settings, store, eval_root):
+    chain = registered(store, eval_root, "chain")
+    items = [task_file(eval_root / "data" / "chain-tasks.jsonl", "tasks"), task_file(eval_root / "data" / "chain-mc.jsonl", "mc")]
+    values = [[r.row.values for r in evaluate(store, [chain], items, Options(parents=False, batch_size=size), force=True).results]
+              for size in (1, 2, 3, 16)]
+    assert values[0] == [{"accuracy": 0.75, "right": 3, "examples": 4}, {"accuracy": pytest.approx(2 / 3), "right": 2, "examples": 3}]
+    assert all(v == values[0] for v in values)
+
+
 @pytest.mark.parametrize("lines, message", [
     (['{"prompt": "a", "answer": "b"}', "", "{not json"], r"bad.jsonl:3: not JSON"),
     (['{"prompt": "a", "answer": "b"}', '{"prompt": "a", "choices": ["x", "y"], "answer": 0}'], r"bad.jsonl:2: a multiple-choice example in a file of prompt/answer"),
@@ -193,7 +228,7 @@ def test_merge_then_evaluate_stores_results_for_the_merge_and_its_parents_once(s
     assert {dataset for _key, dataset, _at in stored["merged"]} == {"eval/data/chain-tasks.jsonl", "eval/data/words.txt"}
     progress = [e for e in events if e.stage == "scores" and e.phase == "progress"]
     assert progress[-1].unit.startswith("windows") or progress[-1].unit.startswith("examples")
-    assert {(e.done, e.total) for e in progress} >= {(0, 2), (1, 2), (2, 2)}
+    assert {(e.done, e.total) for e in progress} >= {(0, 2), (2, 2)}  # after each batch (both fit one)
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("a cached evaluation loaded a model")
@@ -369,7 +404,7 @@ def own_answers(eval_root: Path, data: Path) -> Path:
 def test_gguf_under_transformers_matches_its_source(settings, store, eval_root, tmp_path):
     gguf, source = stored_gguf(store, eval_root / "llama-spm", tmp_path)
     report = gguf_report(store, eval_root, gguf, "transformers")
-    by = {(r.subject.model.name, r.data.label): r.row for r in report.results}
+    by = {(r.subject.model.name, r.data.label): r.row for r in report.results if r.row.metric != "kl_divergence"}
     assert {s.model.name: s.relation for s in report.subjects} == {
         "llama-spm-gguf": "evaluated", "llama-spm": "unquantized source"}
     assert by["llama-spm-gguf", "spm.txt"].runtime == "transformers-gguf"
@@ -380,7 +415,8 @@ def test_gguf_under_transformers_matches_its_source(settings, store, eval_root, 
 def test_gguf_without_a_tokenizer_borrows_the_sources(settings, store, eval_root, tmp_path):
     gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path, tokenizer=False)
     data = eval_root / "data"
-    [result] = evaluate(store, [gguf], [text_file(data / "spm.txt", "spm.txt")], Options(window=32, runtime="transformers", parents=False)).results
+    result, kl = evaluate(store, [gguf], [text_file(data / "spm.txt", "spm.txt")], Options(window=32, runtime="transformers", parents=False)).results
+    assert kl.row.values["kl_divergence"] == pytest.approx(0, abs=1e-6) and kl.row.values["top1_agreement"] == 1.0
     assert result.row.values["perplexity"] == pytest.approx(hand_perplexity(eval_root / "llama-spm", (data / "spm.txt").read_text(), 32), rel=1e-5)
 
 
@@ -388,10 +424,12 @@ def test_gguf_without_a_tokenizer_borrows_the_sources(settings, store, eval_root
 def test_gguf_under_llama_cpp_matches_its_source(settings, store, eval_root, tmp_path):
     gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path)
     report = gguf_report(store, eval_root, gguf, "auto")
-    by = {(r.subject.model.name, r.data.label): r.row for r in report.results}
+    by = {(r.subject.model.name, r.data.label): r.row for r in report.results if r.row.metric != "kl_divergence"}
     assert by["llama-spm-gguf", "spm.txt"].runtime == "llama.cpp" and by["llama-spm", "spm.txt"].runtime == "transformers"
     assert by["llama-spm-gguf", "spm.txt"].values["perplexity"] == pytest.approx(by["llama-spm", "spm.txt"].values["perplexity"], rel=1e-4)
     assert by["llama-spm-gguf", "own"].values["accuracy"] == 0.5
+    [kl] = [r.row for r in report.results if r.row.metric == "kl_divergence"]  # an F32 GGUF: the same distributions
+    assert kl.runtime == "llama.cpp" and kl.values["kl_divergence"] < 1e-4 and kl.values["top1_agreement"] > 0.99
 
 
 def test_quantize_then_evaluate_compares_the_gguf_with_its_source(settings, store, eval_root):
@@ -405,10 +443,56 @@ def test_quantize_then_evaluate_compares_the_gguf_with_its_source(settings, stor
         {"name": "q8", "quantize": {"model": "eval/llama-spm", "type": "Q8_0"}},
         {"name": "scores", "evaluate": {"models": ["q8"], "perplexity": ["eval/data/spm.txt"], "window": 32}}]}
     _q8, scores = run_recipe(check_recipe(recipe, settings, store, default_name="q"), settings, store)
-    rows = {r.subject.model.name: (r.subject.relation, r.row) for r in scores.evaluation.results}
-    assert rows.keys() == {"q8", "llama-spm"} and rows["llama-spm"][0] == "unquantized source"
-    assert rows["q8"][1].runtime == ("llama.cpp" if llama_cpp_available() else "transformers-gguf")
-    assert rows["q8"][1].values["perplexity"] == pytest.approx(rows["llama-spm"][1].values["perplexity"], rel=0.02)
+    rows = {(r.subject.model.name, r.row.metric): (r.subject.relation, r.row) for r in scores.evaluation.results}
+    assert rows.keys() == {("q8", "perplexity"), ("q8", "kl_divergence"), ("llama-spm", "perplexity")}
+    assert rows["llama-spm", "perplexity"][0] == "unquantized source"
+    assert rows["q8", "perplexity"][1].runtime == ("llama.cpp" if llama_cpp_available() else "transformers-gguf")
+    assert rows["q8", "perplexity"][1].values["perplexity"] == pytest.approx(rows["llama-spm", "perplexity"][1].values["perplexity"], rel=0.02)
+    kl = rows["q8", "kl_divergence"][1].values
+    assert 0 < kl["kl_divergence"] < 0.05 and kl["top1_agreement"] > 0.8
+
+
+def hand_kl(source_dir: Path, quantized_dir: Path, text: str, window: int) -> tuple[float, float, int]:
+    """Mean KL(source || quantized) and top-1 agreement over the perplexity windows, plain torch in float64."""
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (source_dir, quantized_dir)]
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    prefix = [tokenizer.bos_token_id] if tokenizer("the").input_ids[0] == tokenizer.bos_token_id else []
+    body, kl, agree, scored = window - len(prefix), 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - body + 1, body):
+            window_ids = torch.tensor([prefix + ids[start:start + body]])
+            p, q = (torch.log_softmax(m(window_ids).logits[0, :-1].double(), dim=-1) for m in models)
+            kl += float((p.exp() * (p - q)).sum())
+            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+            scored += window_ids.shape[1] - 1
+    return kl / scored, agree / scored, scored
+
+
+def test_kl_divergence_of_a_quantized_model_matches_a_hand_computation(settings, store, model_root, eval_root, tmp_path):
+    import shutil
+
+    from rich.console import Console
+
+    from merger.evaluation.table import render
+
+    source = registered(store, model_root, "llama-base")
+    shutil.copytree(model_root / "llama-ft1", tmp_path / "staged")  # stands in for a quantized copy of llama-base
+    quantized = store.publish(tmp_path / "staged", name="ft1-as-quantized", parents=[Parent(source.id, "quantized", "base")])[0]
+    path = eval_root / "data" / "words.txt"
+    report = evaluate(store, [quantized], [text_file(path, "words.txt")], Options(window=32, batch_size=3))
+    [data] = report.data
+    values = report.result(quantized.id, data, "kl_divergence").row.values
+    kl, top1, scored = hand_kl(model_root / "llama-base", model_root / "llama-ft1", path.read_text(), 32)
+    assert kl > 0.001 and values["kl_divergence"] == pytest.approx(kl, rel=1e-4)
+    assert values["top1_agreement"] == top1 < 1 and values["scored_tokens"] == scored
+    assert report.result(source.id, data, "kl_divergence") is None  # the source is not compared with itself
+    console = Console(record=True, width=300)
+    console.print(render(report))
+    shown = console.export_text()
+    assert "KL" in shown and "top-1" in shown and f"{kl:.4f}" in shown and f"{top1:.1%}" in shown
+    again = evaluate(store, [quantized], [text_file(path, "words.txt")], Options(window=32, batch_size=3))
+    assert all(r.cache_hit for r in again.results) and len(again.results) == 3
 
 
 # --- lm-evaluation-harness ----------------------------------------------------------------------------------------

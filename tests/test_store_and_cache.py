@@ -169,3 +169,41 @@ def test_recipes_refer_to_stored_models_by_name_and_id_prefix(settings, store, t
     assert sorted(p.name for p in out.iterdir()) == sorted(f["path"] for f in shown["files"])
     missing = subprocess.run([merger, "show", "nope"], capture_output=True, text=True)
     assert missing.returncode == 1 and "no model 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_unchanged_inputs_are_not_hashed_again(settings, store, model_root, monkeypatch):
+    import shutil
+    import time
+
+    from merger import hash_cache
+
+    root = model_root / f"hashed-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(model_root / "llama-base", root)
+    hour_ago = time.time() - 3600
+    files = sorted(p.name for p in root.iterdir())
+    for name in files:
+        os.utime(root / name, (hour_ago, hour_ago))
+    hashed = []
+    real = hash_cache.sha256_file
+    monkeypatch.setattr(hash_cache, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+
+    first = store.register_directory(root)
+    assert sorted(hashed) == files
+    hashed.clear()
+    assert store.register_directory(root).id == first.id and Store(settings).register_directory(root).id == first.id
+    assert hashed == []
+
+    config = root / "config.json"
+    config.write_text(config.read_text().replace("}", ', "note": 1}', 1))  # changed: new size and mtime
+    os.utime(config, (hour_ago + 1, hour_ago + 1))
+    changed = store.register_directory(root)
+    assert hashed == ["config.json"] and changed.id != first.id
+    hashed.clear()
+    os.utime(root / "model.safetensors", (hour_ago + 2, hour_ago + 2))  # touched: same bytes, new mtime
+    assert store.register_directory(root).id == changed.id and hashed == ["model.safetensors"]
+    hashed.clear()
+    os.utime(config)  # modified just now: too recent to trust its mtime, hashed every time
+    store.register_directory(root)
+    store.register_directory(root)
+    assert hashed == ["config.json", "config.json"]
+    shutil.rmtree(root)

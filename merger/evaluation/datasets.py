@@ -17,6 +17,7 @@ from merger.errors import MergerError
 from merger.hashing import sha256_file
 
 PERPLEXITY, GENERATION, CHOICE, LM_EVAL = "perplexity", "task_accuracy", "multiple_choice", "lm_eval"
+KL_DIVERGENCE = "kl_divergence"  # measured on a perplexity text: a quantized model against its unquantized source
 
 
 class DataError(MergerError):

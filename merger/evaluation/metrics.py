@@ -6,19 +6,31 @@
   first of each window. Windows are independent (no overlap).
 - task accuracy: the prompt is tokenized as the model's tokenizer does (BOS added as it adds it), decoded
   greedily for (answer tokens + 1) new tokens; right when the decoded continuation (special tokens
-  skipped) starts with the answer exactly. One example a batch.
+  skipped) starts with the answer exactly. ``batch_size`` examples are decoded together (left-padded, each
+  stopping at its own length or end of sequence): the same tokens as one at a time.
+- KL divergence (a quantized model against its unquantized source, on a perplexity text's windows as the
+  source tokenizes them; the source runs once for all its quantized models): the
+  mean over scored tokens of KL(source || quantized) of the next-token distributions, and the fraction of
+  tokens whose most likely next token is the same in both (llama.cpp's perplexity tool reports these two
+  as "Mean KLD" and "Same top p"; it scores only the second half of each window, merger every token after
+  the first, as for perplexity).
 - multiple choice: for each choice, the summed log-probability of the choice's tokens (tokenized alone,
   no special tokens) after the prompt's tokens; right when the highest (the first, on ties) is the answer.
+  Every choice of ``batch_size`` examples is scored in one call.
 """
 
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from merger.evaluation.datasets import Choice, DataError, Generation
-from merger.evaluation.runtimes import LoadedModel
 
+if TYPE_CHECKING:  # the runtimes (torch) are loaded by whoever measures; lm-eval's harness needs only Measured
+    from merger.evaluation.runtimes import LoadedModel
+
+DEFAULT_BATCH = 8  # sequences per forward pass, the recipe's default
 Step = Callable[[int, int], None]  # (done, total) after each batch; raises Cancelled to stop
 
 
@@ -29,7 +41,7 @@ class Measured:
     seconds: float
 
 
-def perplexity(lm: LoadedModel, text: str, *, window: int, limit: int | None, batch_size: int, step: Step) -> Measured:
+def perplexity(lm: "LoadedModel", text: str, *, window: int, limit: int | None, batch_size: int, step: Step) -> Measured:
     windows = perplexity_windows(lm, text, window)[:limit or None]
     started, nll, scored = time.perf_counter(), 0.0, 0
     step(0, len(windows))
@@ -44,7 +56,38 @@ def perplexity(lm: LoadedModel, text: str, *, window: int, limit: int | None, ba
     return Measured(values, sum(map(len, windows)), seconds)
 
 
-def perplexity_windows(lm: LoadedModel, text: str, window: int) -> list[list[int]]:
+def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str, *, window: int, limit: int | None,
+                  step: Step) -> list[Measured]:
+    """How far each of ``models`` (quantized copies of ``source``) is from ``source`` on the perplexity windows
+    (``source``'s tokenization): the mean KL(source || model) of the next-token distributions, and how often
+    their most likely tokens agree.
+
+    A window at a time: its distributions are length × vocabulary floats per model; the source's serve all.
+    """
+    windows = perplexity_windows(source, text, window)[:limit or None]
+    kl, agree, seconds = [0.0] * len(models), [0] * len(models), [0.0] * len(models)
+    step(0, len(windows))
+    for done, ids in enumerate(windows, start=1):
+        started = time.perf_counter()
+        reference = source.next_token_logprobs(ids)
+        shared = (time.perf_counter() - started) / len(models)
+        for i, lm in enumerate(models):
+            started = time.perf_counter()
+            logprobs = lm.next_token_logprobs(ids)
+            if logprobs.shape != reference.shape:
+                raise DataError(f"a quantized model's vocabulary ({logprobs.shape[-1]}) differs from its source's "
+                                f"({reference.shape[-1]}); their distributions can't be compared")
+            kl[i] += float((reference.exp() * (reference - logprobs)).sum(-1).double().sum())
+            agree[i] += int((reference.argmax(-1) == logprobs.argmax(-1)).sum())
+            seconds[i] += shared + time.perf_counter() - started
+        step(done, len(windows))
+    scored = sum(len(ids) - 1 for ids in windows)
+    return [Measured({"kl_divergence": kl[i] / scored, "top1_agreement": agree[i] / scored, "scored_tokens": scored,
+                      "windows": len(windows), "window": len(windows[0])}, sum(map(len, windows)), seconds[i])
+            for i in range(len(models))]
+
+
+def perplexity_windows(lm: "LoadedModel", text: str, window: int) -> list[list[int]]:
     prefix = bos_prefix(lm)
     body = min(window, lm.context_length) - len(prefix)
     ids = lm.encode(text, special=False)
@@ -54,39 +97,54 @@ def perplexity_windows(lm: LoadedModel, text: str, window: int) -> list[list[int
     return [prefix + ids[i * body:(i + 1) * body] for i in range(count)]
 
 
-def bos_prefix(lm: LoadedModel) -> list[int]:
+def bos_prefix(lm: "LoadedModel") -> list[int]:
     """The special tokens the tokenizer puts before any text (BOS for Gemma, Llama; none for some)."""
     plain, special = lm.encode("a", special=False), lm.encode("a", special=True)
     return special[: len(special) - len(plain)] if special[len(special) - len(plain):] == plain else []
 
 
-def generation_accuracy(lm: LoadedModel, examples: list[Generation], *, step: Step) -> Measured:
+def generation_accuracy(lm: "LoadedModel", examples: list[Generation], *, batch_size: int = DEFAULT_BATCH,
+                        step: Step) -> Measured:
     started, right, tokens = time.perf_counter(), 0, 0
+    prompts = [lm.encode(example.prompt, special=True) for example in examples]
+    budgets = [len(lm.encode(example.answer, special=False)) + 1 for example in examples]
+    # examples of similar lengths decode together: less padding, and fewer rows that wait for the longest
+    order = sorted(range(len(examples)), key=lambda i: (budgets[i], len(prompts[i])))
     step(0, len(examples))
-    for done, example in enumerate(examples, start=1):
-        prompt = lm.encode(example.prompt, special=True)
-        new = lm.greedy(prompt, len(lm.encode(example.answer, special=False)) + 1)
-        right += lm.decode(new).startswith(example.answer)
-        tokens += len(prompt) + len(new)
-        step(done, len(examples))
+    for batch in _batches(len(examples), batch_size):
+        chosen = [order[i] for i in batch]
+        outputs = lm.greedy_batch([prompts[i] for i in chosen], [budgets[i] for i in chosen])
+        for i, new in zip(chosen, outputs, strict=True):
+            right += lm.decode(new).startswith(examples[i].answer)
+            tokens += len(prompts[i]) + len(new)
+        step(batch.stop, len(examples))
     return Measured({"accuracy": right / len(examples), "right": right, "examples": len(examples)}, tokens,
                     time.perf_counter() - started)
 
 
-def choice_accuracy(lm: LoadedModel, examples: list[Choice], *, step: Step) -> Measured:
+def choice_accuracy(lm: "LoadedModel", examples: list[Choice], *, batch_size: int = DEFAULT_BATCH, step: Step) -> Measured:
     started, right, tokens = time.perf_counter(), 0, 0
     step(0, len(examples))
-    for done, example in enumerate(examples, start=1):
-        prompt = lm.encode(example.prompt, special=True)
-        if not prompt:
-            raise DataError(f"example {done}: the prompt has no tokens, so the first choice token can't be scored")
-        continuations = [lm.encode(choice, special=False) for choice in example.choices]
-        if not all(continuations):
-            raise DataError(f"example {done}: a choice has no tokens")
-        sequences = [prompt + continuation for continuation in continuations]
-        scores = [float(lp[len(prompt) - 1:].double().sum()) for lp in lm.token_logprobs(sequences)]
-        right += scores.index(max(scores)) == example.answer
-        tokens += sum(map(len, sequences))
-        step(done, len(examples))
+    for batch in _batches(len(examples), batch_size):
+        prompts, sequences = [], []
+        for i in batch:
+            prompt = lm.encode(examples[i].prompt, special=True)
+            if not prompt:
+                raise DataError(f"example {i + 1}: the prompt has no tokens, so the first choice token can't be scored")
+            continuations = [lm.encode(choice, special=False) for choice in examples[i].choices]
+            if not all(continuations):
+                raise DataError(f"example {i + 1}: a choice has no tokens")
+            prompts.append(prompt)
+            sequences.append([prompt + continuation for continuation in continuations])
+        logprobs = iter(lm.token_logprobs([seq for choices in sequences for seq in choices]))
+        for i, prompt, choices in zip(batch, prompts, sequences, strict=True):
+            scores = [float(next(logprobs)[len(prompt) - 1:].double().sum()) for _ in choices]
+            right += scores.index(max(scores)) == examples[i].answer
+            tokens += sum(map(len, choices))
+        step(batch.stop, len(examples))
     return Measured({"accuracy": right / len(examples), "right": right, "examples": len(examples)}, tokens,
                     time.perf_counter() - started)
+
+
+def _batches(count: int, size: int) -> list[range]:
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]

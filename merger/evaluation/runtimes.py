@@ -45,8 +45,14 @@ class LoadedModel(Protocol):
     def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """For each sequence, log p(token[t] | tokens[:t]) for t = 1..len-1 (float32)."""
 
+    def next_token_logprobs(self, ids: list[int]) -> torch.Tensor:
+        """log p(· | ids[:t]) over the whole vocabulary for t = 1..len-1: (len - 1) × vocabulary, float32."""
+
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of ``ids``: at most ``max_new_tokens``, ending at an end-of-sequence token."""
+
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+        """``greedy`` of each prompt with its own budget, computed together where the runtime can."""
 
 
 class Runtime(Protocol):
@@ -125,11 +131,43 @@ class HFModel:
         return picked
 
     @torch.inference_mode()
+    def next_token_logprobs(self, ids: list[int]) -> torch.Tensor:
+        return torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        prompt = torch.tensor([ids])
-        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        return out[0, len(ids):].tolist()
+        return self.greedy_batch([ids], [max_new_tokens])[0]
+
+    @torch.inference_mode()
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+        from transformers import StoppingCriteriaList
+
+        longest = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left-padded: every prompt ends where its continuation starts
+            ids[row, longest - len(prompt):] = torch.tensor(prompt)
+            mask[row, longest - len(prompt):] = 1
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max(max_new_tokens), do_sample=False,
+                                  pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_OwnBudgets(longest, max_new_tokens)]))
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return [_through_first(out[row, longest:longest + budget].tolist(), eos) for row, budget in enumerate(max_new_tokens)]
+
+
+class _OwnBudgets:
+    """A stopping criterion: each sequence is done once it has its own number of new tokens."""
+
+    def __init__(self, prompt_length: int, budgets: list[int]):
+        self.prompt_length, self.budgets = prompt_length, torch.tensor(budgets)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return input_ids.shape[1] - self.prompt_length >= self.budgets
+
+
+def _through_first(tokens: list[int], stops: set[int]) -> list[int]:
+    """``tokens`` up to and including the first of ``stops`` (what follows it in a batch is padding)."""
+    return next((tokens[: i + 1] for i, token in enumerate(tokens) if token in stops), tokens)
 
 
 class Transformers:
@@ -217,14 +255,14 @@ class LlamaCppModel:
         return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        out = []
-        for seq in sequences:  # llama-cpp-python evaluates one sequence at a time
-            self._check_fits(len(seq))
-            self.llm.reset()
-            self.llm.eval(seq)
-            logits = torch.from_numpy(self.llm.scores[: len(seq) - 1].copy())
-            out.append(torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0])
-        return out
+        # llama-cpp-python's Llama evaluates one sequence at a time
+        return [self.next_token_logprobs(seq).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0] for seq in sequences]
+
+    def next_token_logprobs(self, ids: list[int]) -> torch.Tensor:
+        self._check_fits(len(ids))
+        self.llm.reset()
+        self.llm.eval(ids)
+        return torch.log_softmax(torch.from_numpy(self.llm.scores[: len(ids) - 1].copy()), dim=-1)
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         self._check_fits(len(ids) + max_new_tokens)
@@ -238,6 +276,9 @@ class LlamaCppModel:
                 break
             self.llm.eval([token])
         return new
+
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+        return [self.greedy(ids, budget) for ids, budget in zip(prompts, max_new_tokens, strict=True)]
 
     def _check_fits(self, length: int) -> None:
         if length > self.context_length:

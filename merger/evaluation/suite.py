@@ -14,8 +14,8 @@ from merger import __version__
 from merger.db import EvaluationRow, ModelRow
 from merger.errors import Cancelled
 from merger.evaluation import harness, metrics
-from merger.evaluation.datasets import GENERATION, LM_EVAL, PERPLEXITY, DataError, DataFile, read_examples, read_text
-from merger.evaluation.runtimes import CannotEvaluate, LlamaCpp, LoadedModel, Runtime, TransformersGGUF, runtime_for
+from merger.evaluation.datasets import GENERATION, KL_DIVERGENCE, LM_EVAL, PERPLEXITY, DataError, DataFile, read_examples, read_text
+from merger.evaluation.runtimes import CannotEvaluate, LlamaCpp, LoadedModel, Runtime, Transformers, TransformersGGUF, runtime_for
 from merger.hashing import digest_json
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
 from merger.store import Store
@@ -30,7 +30,7 @@ class Options:
     dtype: str = "float32"  # transformers runtimes
     runtime: str = "auto"  # auto | transformers | llama.cpp (GGUF models)
     window: int = 512  # perplexity window, in tokens
-    batch_size: int = 8  # perplexity windows (and lm-eval requests) per forward pass
+    batch_size: int = metrics.DEFAULT_BATCH  # sequences per forward pass: windows, examples, lm-eval requests
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class Subject:
 
     model: ModelRow
     relation: str
-    tokenizer_dir: Path | None = None
+    tokenizer_dir: Path | None = None  # a quantized model's unquantized source (also what KL compares with)
+    source_id: str | None = None
 
 
 @dataclass
@@ -56,8 +57,10 @@ class Report:
     subjects: list[Subject] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
 
-    def result(self, model_id: str, data: DataFile) -> Result | None:
-        return next((r for r in self.results if r.subject.model.id == model_id and r.data == data), None)
+    def result(self, model_id: str, data: DataFile, metric: str | None = None) -> Result | None:
+        """``model_id``'s result on ``data`` for the file's own metric (or ``metric``, e.g. KL on a text)."""
+        return next((r for r in self.results if r.subject.model.id == model_id and r.data == data
+                     and r.row.metric == (metric or data.metric)), None)
 
 
 def subjects(store: Store, models: list[ModelRow], *, parents: bool) -> list[Subject]:
@@ -70,7 +73,7 @@ def subjects(store: Store, models: list[ModelRow], *, parents: bool) -> list[Sub
 
     def add(model: ModelRow, relation: str) -> None:
         if model.id not in found and model.kind == "model":
-            found[model.id] = Subject(model, relation, _unquantized_dir(store, model))
+            found[model.id] = Subject(model, relation, *_unquantized(store, model))
 
     for model in models:
         if model.kind != "model":
@@ -98,40 +101,71 @@ def _name(model: ModelRow) -> str:
     return model.name or model.id[:12]
 
 
-def _unquantized_dir(store: Store, model: ModelRow) -> Path | None:
-    source = next((e for e in model.parents if e.relation == "quantized"), None)
-    return store.path_of(store.get(source.parent_id)) if source else None
+def _unquantized(store: Store, model: ModelRow) -> tuple[Path | None, str | None]:
+    """A quantized model's unquantized source: its directory and id."""
+    edge = next((e for e in model.parents if e.relation == "quantized"), None)
+    return (store.path_of(store.get(edge.parent_id)), edge.parent_id) if edge else (None, None)
 
 
 def evaluate(store: Store, models: list[ModelRow], data: list[DataFile], options: Options, *, stage: str = "eval",
              force: bool = False, report: Reporter = no_report,
              should_cancel: CancelCheck = never_cancel) -> Report:
-    """Measure every subject on every data file (cached results are reused unless ``force``)."""
+    """Measure every subject on every data file (cached results are reused unless ``force``); then compare
+    each quantized subject with its unquantized source on each perplexity text (KL divergence)."""
     out = Report(data, subjects(store, models, parents=options.parents))
+    comparisons: dict[tuple[str, DataFile], list[tuple[Subject, Runtime, str]]] = {}  # by (source id, text)
     for subject in out.subjects:
         model_dir = store.path_of(subject.model)
         if not model_dir.is_dir():
             raise CannotEvaluate(f"{_name(subject.model)}: its files are gone ({model_dir})")
-        plans = [(item, _runtime(model_dir, item, options)) for item in data]
+        plans = [(item, metric, _runtime(model_dir, item, options)) for item in data for metric in _metrics(item, subject)]
         todo: dict[str, list[tuple[DataFile, str]]] = {}
-        for item, runtime in plans:
-            key = _key(subject.model, item, runtime, options)
+        for item, metric, runtime in plans:
+            key = _key(subject, item, metric, runtime, options)
             cached = None if force else store.evaluation(key)
             if cached is not None:
                 out.results.append(Result(subject, item, cached, True))
+            elif metric == KL_DIVERGENCE:
+                comparisons.setdefault((subject.source_id, item), []).append((subject, runtime, key))
             else:
                 todo.setdefault(runtime.name, []).append((item, key))
-        runtimes = {runtime.name: runtime for _, runtime in plans}
+        runtimes = {runtime.name: runtime for _, _, runtime in plans}
         for name, items in todo.items():
             lm = runtimes[name].load(model_dir, dtype=options.dtype, tokenizer_dir=subject.tokenizer_dir)
             for item, key in items:
                 step = _stepper(stage, f"{_name(subject.model)} · {item.label}", item.metric, report, should_cancel)
                 measured = _measure(lm, item, options, step, store)
-                row = _row(key, subject.model, item, runtimes[name], options, measured)
+                row = _row(key, subject, item, item.metric, runtimes[name], options, measured)
                 store.save_evaluation(row)
                 out.results.append(Result(subject, item, row, False))
             del lm
+    for (source_id, item), quantized in comparisons.items():
+        out.results += _compare(store, store.get(source_id), item, quantized, options,
+                                _stepper(stage, f"KL from {_name(store.get(source_id))} · {item.label}", KL_DIVERGENCE, report, should_cancel))
     return out
+
+
+def _compare(store: Store, source: ModelRow, item: DataFile, quantized: list[tuple[Subject, Runtime, str]], options: Options,
+             step: metrics.Step) -> list[Result]:
+    """Every quantized model of one source against it on one text, all loaded at once: the source runs once."""
+    reference = Transformers().load(store.path_of(source), dtype=options.dtype)
+    lms = [runtime.load(store.path_of(subject.model), dtype=options.dtype, tokenizer_dir=subject.tokenizer_dir)
+           for subject, runtime, _ in quantized]
+    try:
+        measured = metrics.kl_divergence(reference, lms, read_text(item.path), window=options.window, limit=options.limit, step=step)
+    except DataError as exc:
+        raise DataError(f"{item.path}: {exc}") from None
+    results = []
+    for (subject, runtime, key), one in zip(quantized, measured, strict=True):
+        row = _row(key, subject, item, KL_DIVERGENCE, runtime, options, one)
+        store.save_evaluation(row)
+        results.append(Result(subject, item, row, False))
+    return results
+
+
+def _metrics(item: DataFile, subject: Subject) -> list[str]:
+    """What is measured on ``item``: its metric, and for a quantized model's perplexity text the KL divergence."""
+    return [item.metric] + ([KL_DIVERGENCE] if item.metric == PERPLEXITY and subject.source_id else [])
 
 
 def _runtime(model_dir: Path, item: DataFile, options: Options) -> Runtime:
@@ -141,29 +175,33 @@ def _runtime(model_dir: Path, item: DataFile, options: Options) -> Runtime:
     return runtime
 
 
-def _settings(item: DataFile, runtime: Runtime, options: Options) -> dict:
+def _settings(subject: Subject, metric: str, runtime: Runtime, options: Options) -> dict:
     settings = {} if isinstance(runtime, LlamaCpp) else {"dtype": options.dtype}
-    if item.metric == PERPLEXITY:
+    if metric in (PERPLEXITY, KL_DIVERGENCE):
         settings["window"] = options.window
+    if metric == KL_DIVERGENCE:
+        settings |= {"source": subject.source_id, "source_dtype": options.dtype}
     return settings
 
 
-def _versions(item: DataFile, runtime: Runtime) -> dict[str, str]:
-    return {"merger": __version__, **runtime.versions(), **(harness.versions() if item.metric == LM_EVAL else {})}
+def _versions(metric: str, runtime: Runtime) -> dict[str, str]:
+    extra = harness.versions() if metric == LM_EVAL else Transformers().versions() if metric == KL_DIVERGENCE else {}
+    return {"merger": __version__, **runtime.versions(), **extra}
 
 
-def _key(model: ModelRow, item: DataFile, runtime: Runtime, options: Options) -> str:
-    return digest_json({"model": model.id, "metric": item.metric, "data": item.sha256, "limit": options.limit,
-                        "settings": _settings(item, runtime, options), "runtime": runtime.name,
-                        "versions": _versions(item, runtime)})
+def _key(subject: Subject, item: DataFile, metric: str, runtime: Runtime, options: Options) -> str:
+    return digest_json({"model": subject.model.id, "metric": metric, "data": item.sha256, "limit": options.limit,
+                        "settings": _settings(subject, metric, runtime, options), "runtime": runtime.name,
+                        "versions": _versions(metric, runtime)})
 
 
-def _row(key: str, model: ModelRow, item: DataFile, runtime: Runtime, options: Options, measured: metrics.Measured) -> EvaluationRow:
+def _row(key: str, subject: Subject, item: DataFile, metric: str, runtime: Runtime, options: Options,
+         measured: metrics.Measured) -> EvaluationRow:
     speed = measured.tokens / measured.seconds if measured.tokens and measured.seconds > 0 else None
-    return EvaluationRow(cache_key=key, model_id=model.id, metric=item.metric, dataset=item.label, dataset_sha256=item.sha256,
-                         limit=options.limit, settings=_settings(item, runtime, options), runtime=runtime.name,
+    return EvaluationRow(cache_key=key, model_id=subject.model.id, metric=metric, dataset=item.label, dataset_sha256=item.sha256,
+                         limit=options.limit, settings=_settings(subject, metric, runtime, options), runtime=runtime.name,
                          values=measured.values, tokens_per_second=speed, seconds=measured.seconds,
-                         versions=_versions(item, runtime))
+                         versions=_versions(metric, runtime))
 
 
 def _measure(lm: LoadedModel, item: DataFile, options: Options, step: metrics.Step, store: Store) -> metrics.Measured:
@@ -177,14 +215,14 @@ def _measure(lm: LoadedModel, item: DataFile, options: Options, step: metrics.St
             return metrics.perplexity(lm, text_or_examples, window=options.window, limit=options.limit,
                                       batch_size=options.batch_size, step=step)
         if item.metric == GENERATION:
-            return metrics.generation_accuracy(lm, text_or_examples, step=step)
-        return metrics.choice_accuracy(lm, text_or_examples, step=step)
+            return metrics.generation_accuracy(lm, text_or_examples, batch_size=options.batch_size, step=step)
+        return metrics.choice_accuracy(lm, text_or_examples, batch_size=options.batch_size, step=step)
     except DataError as exc:
         raise DataError(f"{item.path}: {exc}") from None
 
 
 def _stepper(stage: str, what: str, metric: str, report: Reporter, should_cancel: CancelCheck) -> metrics.Step:
-    unit = f"{'windows' if metric == PERPLEXITY else 'examples'} · {what}"
+    unit = f"{'windows' if metric in (PERPLEXITY, KL_DIVERGENCE) else 'examples'} · {what}"
 
     def step(done: int, total: int) -> None:
         report(ProgressEvent(stage, "progress", done, total, unit=unit))

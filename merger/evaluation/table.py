@@ -3,7 +3,7 @@
 from rich.table import Table
 
 from merger.db import EvaluationRow
-from merger.evaluation.datasets import CHOICE, GENERATION, LM_EVAL, PERPLEXITY, DataFile
+from merger.evaluation.datasets import CHOICE, GENERATION, KL_DIVERGENCE, LM_EVAL, PERPLEXITY, DataFile
 from merger.evaluation.suite import Report, Result
 from merger.formatting import human_size
 
@@ -14,6 +14,8 @@ def headline(row: EvaluationRow) -> float:
     """The one number a result shows in a table."""
     if row.metric == PERPLEXITY:
         return row.values["perplexity"]
+    if row.metric == KL_DIVERGENCE:
+        return row.values["kl_divergence"]
     if row.metric == LM_EVAL:
         return row.values["metrics"][row.values["primary"]]
     return row.values["accuracy"]
@@ -27,10 +29,14 @@ def tokens_per_second(results: list[Result]) -> float | None:
 
 
 def render(report: Report, title: str | None = None) -> Table:
+    """A row per model; a column per data file, then for each text a quantized model was compared on, its KL
+    divergence from the unquantized source and their top-1 agreement; then tokens/s."""
     table = Table(title=title)
+    compared = [item for item in report.data if any(r.data == item and r.row.metric == KL_DIVERGENCE for r in report.results)]
     for heading in ("model", "id", "relation", "runtime", "size"):
         table.add_column(heading, no_wrap=True)
-    for heading in [*map(_heading, report.data), "tokens/s"]:
+    headings = [*map(_heading, report.data), *(f"{h}\n{_name(item)}" for item in compared for h in ("KL", "top-1")), "tokens/s"]
+    for heading in headings:
         table.add_column(heading, justify="right", no_wrap=True)
     for subject in report.subjects:
         results = [r for r in report.results if r.subject.model.id == subject.model.id]
@@ -38,7 +44,11 @@ def render(report: Report, title: str | None = None) -> Table:
         for item in report.data:
             result = report.result(subject.model.id, item)
             cells.append("" if result is None else f"{headline(result.row):.{2 if item.metric == PERPLEXITY else 3}f}")
-        speed = tokens_per_second(results)
+        for item in compared:
+            result = report.result(subject.model.id, item, KL_DIVERGENCE)
+            values = result.row.values if result else None
+            cells += ["", ""] if values is None else [f"{values['kl_divergence']:.4f}", f"{values['top1_agreement']:.1%}"]
+        speed = tokens_per_second([r for r in results if r.row.metric != KL_DIVERGENCE])
         table.add_row(subject.model.name or "", subject.model.id[:12], subject.relation,
                       ", ".join(sorted({r.row.runtime for r in results})), human_size(subject.model.size_bytes),
                       *cells, "" if speed is None else f"{speed:.0f}")
@@ -68,7 +78,10 @@ def row_json(row: EvaluationRow) -> dict:
 
 
 def _heading(item: DataFile) -> str:
-    name = item.harness_task.name if item.metric == LM_EVAL else item.label.rsplit("/", 1)[-1]
-    return f"{HEADINGS[item.metric]}\n{name}"
+    return f"{HEADINGS[item.metric]}\n{_name(item)}"
+
+
+def _name(item: DataFile) -> str:
+    return item.harness_task.name if item.metric == LM_EVAL else item.label.rsplit("/", 1)[-1]
 
 

@@ -198,8 +198,8 @@ class EvaluationOut(BaseModel):
 
     dataset: str = Field(description="The data file as it was given")
     dataset_sha256: str
-    metric: str = Field(description="perplexity | task_accuracy | multiple_choice | lm_eval")
-    value: float = Field(description="The headline number: perplexity, accuracy, or the lm-eval task's first metric")
+    metric: str = Field(description="perplexity | task_accuracy | multiple_choice | lm_eval | kl_divergence (a quantized model against its unquantized source, on a perplexity text)")
+    value: float = Field(description="The headline number: perplexity, accuracy, the lm-eval task's first metric, or the KL divergence")
     values: dict[str, Any]
     runtime: str
     limit: int | None

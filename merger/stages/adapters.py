@@ -11,9 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from merger import lora
 from merger.errors import Cancelled, Problem, format_loc
 from merger.modelfiles import ModelInfo, safetensors_header
@@ -22,8 +19,6 @@ from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import EQUAL_RANK_COMBINATIONS, AdaptersStage, Combination
 
 RELATION = "adapter"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 MAX_LISTED = 3
 
 
@@ -133,8 +128,11 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
 
 
 def _fold(stage, base_dir: Path, adapters: list[tuple[Path, float]], out_dir: Path, report: Reporter, should_cancel: CancelCheck) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
     loaded = [(lora.LoadedAdapter.load(path, _config(path)), weight) for path, weight in adapters]
-    dtype = DTYPES.get(stage.adapters.dtype)
+    dtype = getattr(torch, stage.adapters.dtype) if stage.adapters.dtype else None
     shards = sorted(base_dir.glob("*.safetensors"))
     total = sum(len(safetensors_header(shard)) for shard in shards)
     done = 0
@@ -163,6 +161,7 @@ def _set_config_dtype(config_path: Path, dtype: str) -> None:
 
 
 def _combine(stage, base_dir: Path, adapters: list[tuple[Path, float]], out_dir: Path, label: str, report: Reporter) -> None:
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

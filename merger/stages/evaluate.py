@@ -6,18 +6,20 @@ every data problem (missing file, bad JSONL line, a task YAML merger refuses) is
 """
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from merger.db import ModelRow
 from merger.errors import Problem, format_loc
 from merger.evaluation import harness
 from merger.evaluation.datasets import DataError, DataFile, task_file, text_file
-from merger.evaluation.suite import Options, Report
-from merger.evaluation.suite import evaluate as evaluate_models
 from merger.planning import InputRef, PlanContext, StagePlan, inspect_source, is_adapter_dir, resolve_input
 from merger.progress import CancelCheck, Reporter
 from merger.recipe import EvaluateSpec, EvaluateStage
 from merger.references import Resolver, UnresolvedReference
 from merger.store import Store
+
+if TYPE_CHECKING:  # the evaluation code (torch) is imported when a stage is measured, not when it is checked
+    from merger.evaluation.suite import Options, Report
 
 READERS = {"tasks": task_file, "perplexity": text_file}
 
@@ -69,13 +71,17 @@ def _confined(resolver: Resolver, text: str, yaml_dir: Path) -> Path:
         raise DataError(str(exc)) from None
 
 
-def options_of(spec: EvaluateSpec) -> Options:
+def options_of(spec: EvaluateSpec) -> "Options":
+    from merger.evaluation.suite import Options
+
     return Options(limit=spec.limit, parents=spec.parents, dtype=spec.dtype, runtime=spec.runtime, window=spec.window,
                    batch_size=spec.batch_size)
 
 
 def evaluate(plan: StagePlan, models: list[ModelRow], store: Store, *, force: bool, report: Reporter,
-             should_cancel: CancelCheck) -> Report:
+             should_cancel: CancelCheck) -> "Report":
     """``models[i]`` is the model of ``plan.inputs[i]``."""
+    from merger.evaluation.suite import evaluate as evaluate_models
+
     return evaluate_models(store, models, plan.details["data"], options_of(plan.stage.evaluate), stage=plan.stage.name, force=force,
                            report=report, should_cancel=should_cancel)

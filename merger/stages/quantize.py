@@ -9,8 +9,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from merger import gguf_tools
 from merger.errors import Cancelled, MergerError, Problem, format_loc
 from merger.modelfiles import ModelInfo, inspect_dir
@@ -107,6 +105,7 @@ def _run_gguf(plan: StagePlan, source: Path, out_dir: Path, work_dir: Path, repo
 
 
 def _run_torchao(stage: QuantizeStage, source: Path, out_dir: Path, report: Reporter) -> None:
+    import torch
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
