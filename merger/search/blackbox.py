@@ -3,10 +3,11 @@
 ``Composer`` loads the inputs once (float32) and keeps only the *active* tensors: those where some input differs
 from the first (elsewhere every method gives that tensor back, whatever its parameters). A trial's merge is
 computed with mergekit's own math for its method (linear, task_arithmetic, ties, dare_ties, slerp) and copied
-into the resident model; nothing is written to disk. TIES keeps each task vector's top-``density`` magnitudes:
-their sorted magnitudes are computed once, so a trial's mask is a threshold lookup instead of mergekit's
-argsort (the masks differ only where magnitudes tie exactly at the cut). DARE draws its masks from torch's
-generator, seeded per trial.
+into the resident model; nothing is written to disk. TIES keeps each task vector's top-``density`` magnitudes
+in the order of mergekit's argsort: each element's rank in it is computed once, so a trial's mask is
+``rank < k``, the very mask mergekit makes. DARE draws its masks from torch's generator, seeded per trial
+(mergekit, seeded alike, draws for every tensor in its own order: the stored merge's DARE masks are other
+draws of the same density).
 
 ``run_study`` asks Optuna for trials, scores each with the batched teacher-forced scoring on the search's own
 lines, and tells the study. The study lives in an SQLAlchemy database (``RDBStorage``), so a search that stops
@@ -79,7 +80,7 @@ class Composer:
     groups: dict[str, str]  # active tensor -> its group
     base: dict[str, torch.Tensor]  # task-vector methods and slerp: the base's active tensors
     inputs: list[dict[str, torch.Tensor]]  # task vectors (task-vector methods) or tensors (linear, slerp) per non-base input
-    sorted_magnitudes: list[dict[str, torch.Tensor]] = field(default_factory=list)  # ties
+    ranks: list[dict[str, torch.Tensor]] = field(default_factory=list)  # ties: each element's place by magnitude
 
     @property
     def others(self) -> list[int]:
@@ -124,14 +125,15 @@ class Composer:
             total = sum(w * x[tensor] for w, x in zip(p["weight"], self.inputs, strict=True))
             return total / sum(p["weight"]) if p.get("normalize", True) else total
         if self.method == "slerp":
-            return slerp(torch.tensor([p["t"]]), self.base[tensor], self.inputs[0][tensor])
+            return slerp(torch.tensor([p["t"]]), self.base[tensor][None], self.inputs[0][tensor][None])[0]  # a batch of one tensor
         rescale = RescaleNorm.l1 if p.get("rescale", self.method == "dare_ties") else None
         deltas = []
         for j, vectors in enumerate(self.inputs):
             delta = vectors[tensor]
             if self.method == "ties":
-                keep = delta.abs() >= _threshold(self.sorted_magnitudes[j][tensor], p["density"][j])
-                delta = rescaled_masked_tensor(delta, keep, rescale)
+                if p["density"][j] < 1:
+                    keep = self.ranks[j][tensor] < max(1, int(p["density"][j] * delta.numel()))
+                    delta = rescaled_masked_tensor(delta, keep.reshape_as(delta), rescale)
             elif self.method == "dare_ties":
                 delta = bernoulli(delta, p["density"][j], rescale)
             deltas.append(delta)
@@ -147,12 +149,6 @@ class Composer:
         if p.get("normalize", self.method == "ties"):
             mixed = mixed / divisor
         return self.base[tensor] + p.get("lambda", 1.0) * mixed
-
-
-def _threshold(sorted_magnitudes: torch.Tensor, density: float) -> torch.Tensor:
-    """The smallest magnitude among the top ``max(1, int(density * n))`` (mergekit's count)."""
-    keep = max(1, int(density * sorted_magnitudes.numel()))
-    return sorted_magnitudes[-keep]
 
 
 def load_composer(model: torch.nn.Module, method: str, base_index: int | None, tensors: list[Callable[[], dict[str, torch.Tensor]]],
@@ -172,8 +168,16 @@ def load_composer(model: torch.nn.Module, method: str, base_index: int | None, t
         inputs = [{n: x[n] - base[n] for n in names} for x in others]
     else:
         inputs = [{n: x[n] for n in names} for x in others]
-    magnitudes = [{n: v.abs().flatten().sort().values for n, v in x.items()} for x in inputs] if method == "ties" else []
-    return Composer(model, method, base_index, start, names, groups, base, inputs, magnitudes)
+    ranks = [{n: _ranks(v) for n, v in x.items()} for x in inputs] if method == "ties" else []
+    return Composer(model, method, base_index, start, names, groups, base, inputs, ranks)
+
+
+def _ranks(delta: torch.Tensor) -> torch.Tensor:
+    """Each element's place in mergekit's magnitude order (``torch.argsort(|delta|, descending=True)``)."""
+    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)
+    ranks = torch.empty(order.numel(), dtype=torch.int32)
+    ranks[order] = torch.arange(order.numel(), dtype=torch.int32)
+    return ranks
 
 
 def knobs_for(composer: Composer, vary: dict[str, tuple[float, float]]) -> list[Knob]:

@@ -54,6 +54,9 @@ def plan(stage: SearchStage, loc: tuple, context: PlanContext, tasks: list, prob
                 problems.append(Problem(format_loc(loc + ("merge",) + where + (name,)), f"give {name} per model (models[i].parameters) in a searched merge"))
     if merged is None or problems:
         return None, problems
+    if "weight" in spec.vary:
+        for inp in merged.inputs:
+            inp.weight = None  # written per tensor, as the merge stage of the written recipe records it
     details = {"merge": merged.details, "tasks": tasks, "storage": context.resolver.settings.resolved_search_database_url,
                "num_layers": merged.output_info.num_layers if merged.output_info else None}
     return StagePlan(stage, merged.inputs, merged.output_info, details), []
