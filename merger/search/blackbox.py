@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from merger.errors import Cancelled
 from merger.search.learned import objective
 from merger.search.scoring import Encoded, TaskScore, score
 
@@ -46,8 +47,12 @@ class Knob:
 
     @property
     def name(self) -> str:
-        who = f"[{self.model}]" if self.model is not None else ""
-        return f"{self.parameter}{who} {self.group}"
+        return knob_name(self.parameter, self.model, self.group)
+
+
+def knob_name(parameter: str, model: int | None, group: str) -> str:
+    """``weight[1] layers 0-5 mlp``: the parameter, the model's input index (per-model parameters), the group."""
+    return f"{parameter}{'' if model is None else f'[{model}]'} {group}"
 
 
 def group_of(tensor: str, num_layers: int, layer_groups: int, families: list[str]) -> str:
@@ -96,9 +101,9 @@ class Composer:
             params = {}
             for parameter, start in self.start.items():
                 if parameter in PER_MODEL:
-                    params[parameter] = [values.get(Knob(parameter, m, group, 0, 0).name, start[j]) for j, m in enumerate(self.others)]
+                    params[parameter] = [values.get(knob_name(parameter, m, group), start[j]) for j, m in enumerate(self.others)]
                 else:
-                    params[parameter] = values.get(Knob(parameter, None, group, 0, 0).name, start)
+                    params[parameter] = values.get(knob_name(parameter, None, group), start)
             found[tensor] = params
         return found
 
@@ -274,9 +279,8 @@ def run_study(composer: Composer, knobs: list[Knob], examples: list[Encoded], fi
     pruner = optuna.pruners.NopPruner() if multi else optuna.pruners.PercentilePruner(100 * (1 - options.promote), n_startup_trials=1)
     study = optuna.create_study(storage=storage, study_name=options.study_name, load_if_exists=True, pruner=pruner,
                                 directions=["maximize"] * (tasks if multi else 1))
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if stale.state == TrialState.RUNNING:  # its process died (one search runs a study at a time)
-            study.tell(stale.number, state=TrialState.FAIL)
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # its process died (one search runs a study at a time)
+        study.tell(stale.number, state=TrialState.FAIL)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)):
         study.enqueue_trial(start_values(composer, knobs))
     distributions = {k.name: FloatDistribution(k.low, k.high) for k in knobs}
@@ -285,7 +289,6 @@ def run_study(composer: Composer, knobs: list[Knob], examples: list[Encoded], fi
         return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
     trials_run, last = 0, 0.0
-    best = _best(finished(), tasks)
     while len(finished()) < options.trials and not should_stop():
         if time.monotonic() - started + last > options.minutes * 60:
             break  # the next trial would end past the budget
@@ -309,12 +312,13 @@ def run_study(composer: Composer, knobs: list[Knob], examples: list[Encoded], fi
             trial.set_user_attr("record", record.__dict__)
             study.tell(trial, _relative(record.exact, reference) if multi else scalar(tuple(record.objective)))
         trials_run += 1
-        best = _best(finished(), tasks)
-        progress(count + 1, options.trials, best)
+        progress(count + 1, options.trials, _best(finished()))
         last = time.monotonic() - trial_started
+    if should_stop():
+        raise Cancelled("the search was cancelled; its finished trials are kept in the study")
     history = [TrialRecord(**t.user_attrs["record"]) for t in finished()]
     _mark_pareto(history)
-    best = _best(finished(), tasks)
+    best = _best(finished())
     if best is None:
         raise RuntimeError("the study has no fully scored trial yet: give it more trials or minutes")
     best.pareto = next(r.pareto for r in history if r.step == best.step)
@@ -338,7 +342,7 @@ def _record(number: int, scores: list[TaskScore], reference: list[float], params
                        sum(s.examples for s in scores), state)
 
 
-def _best(trials: list, tasks: int) -> TrialRecord | None:
+def _best(trials: list) -> TrialRecord | None:
     """The fully scored trial with the best objective (the earliest of equals)."""
     complete = [TrialRecord(**t.user_attrs["record"]) for t in trials if t.user_attrs.get("record", {}).get("state") == "complete"]
     return max(complete, key=lambda r: (scalar(tuple(r.objective)), -r.step), default=None)

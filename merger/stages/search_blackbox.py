@@ -11,7 +11,7 @@ The study is stored in the search database (``MERGER_SEARCH_DATABASE_URL``) unde
 import random
 from pathlib import Path
 
-from merger.errors import Cancelled, Problem, format_loc
+from merger.errors import Problem, format_loc
 from merger.hashing import digest_json
 from merger.planning import PlanContext, StageOutput, StagePlan
 from merger.progress import CancelCheck, ProgressEvent, Reporter
@@ -112,8 +112,6 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
 
     result = run_study(composer, knobs, [e for lines in encoded for e in lines], first, len(splits), options,
                        pad_id=tokenizer.pad_token_id or 0, progress=progress, should_stop=should_cancel, round_to=DIGITS)
-    if should_cancel():
-        raise Cancelled(f"stage {stage.name} cancelled")
 
     rows = []
     for j, ref in enumerate(refs[1:] if base_ref else refs):
