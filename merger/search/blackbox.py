@@ -266,7 +266,6 @@ def run_study(composer: Composer, knobs: list[Knob], examples: list[Encoded], fi
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    started = time.monotonic()
     scored = lambda lines: score(composer.model, lines, tasks, batch_size=options.score_batch, pad_id=pad_id)  # noqa: E731
     parents = []
     for j in range(len(composer.others)):  # each model alone
@@ -288,6 +287,7 @@ def run_study(composer: Composer, knobs: list[Knob], examples: list[Encoded], fi
     def finished() -> list:
         return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
+    started = time.monotonic()  # the minutes count trials only (loading and scoring the parents aside)
     trials_run, last = 0, 0.0
     while len(finished()) < options.trials and not should_stop():
         if time.monotonic() - started + last > options.minutes * 60:
