@@ -262,3 +262,18 @@ def test_bad_blackbox_recipes_name_every_problem(settings, store, search_inputs)
     with pytest.raises(RecipeError) as caught:
         check_recipe(recipe, settings, store, default_name="r")
     assert any("needs merge" in p.msg for p in caught.value.problems)
+
+
+def test_merger_search_prints_the_table_and_writes_the_found_recipe(settings, store, search_inputs, tmp_path):
+    from typer.testing import CliRunner
+
+    from merger.cli import app
+    from merger.safe_yaml import load_recipe_file
+
+    recipe = write_yaml(tmp_path / "searching.yaml", blackbox_recipe(trials=2))
+    searched = CliRunner().invoke(app, ["search", str(recipe)])
+    assert searched.exit_code == 0, searched.output
+    model = store.resolve(searched.stdout.strip().splitlines()[-1])
+    assert "test lines 1-6" in searched.stderr and "2 trials" in searched.stderr and "found / best parent" in searched.stderr
+    found = load_recipe_file(tmp_path / "searching.found.yaml", max_bytes=settings.max_recipe_bytes)
+    assert found == {"stages": [model.recipe]} and "merge" in model.recipe
