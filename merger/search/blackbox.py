@@ -162,6 +162,14 @@ def load_composer(model: torch.nn.Module, method: str, base_index: int | None, t
     loaded = [load() for load in tensors]
     reference = loaded[base_index if base_index is not None else 0]
     names = sorted(n for n, t in reference.items() if any(not torch.equal(t, other[n]) for other in loaded if other is not reference))
+    state = model.state_dict()
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"the resident model has no parameter {missing[0]} (and {len(missing) - 1} more) of the merge's inputs")
+    with torch.no_grad():
+        for name, tensor in reference.items():  # the tensors no trial changes are the reference's (an adapter folded in)
+            if name in state:
+                state[name].copy_(tensor)
     layers, layer_groups, families = granularity
     groups = {n: group_of(n, layers, layer_groups, families) for n in names}
     if base_index is None:  # linear

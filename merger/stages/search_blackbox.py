@@ -42,7 +42,7 @@ def plan(stage: SearchStage, loc: tuple, context: PlanContext, tasks: list, prob
             problems.append(Problem(format_loc(loc + ("vary", name)), f"{method} has no parameter {name!r}; it has {', '.join(sorted(known))}"))
     for where, params in [(("parameters",), raw.get("parameters") or {})] + [
             (("models", i, "parameters"), m.get("parameters") or {}) for i, m in enumerate(raw["models"]) if isinstance(m, dict)]:
-        for name, value in params.items():
+        for name, value in params.items() if isinstance(params, dict) else ():
             if not isinstance(value, (int, float)):
                 problems.append(Problem(format_loc(loc + ("merge",) + where + (name,)), "a searched merge takes plain numbers (and true / false) as parameters"))
             elif name in spec.vary and not isinstance(value, bool):
