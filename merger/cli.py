@@ -513,7 +513,8 @@ def _stage_progress(as_json: bool) -> Iterator[Callable[[ProgressEvent], None]]:
                 tasks[event.stage] = bar.add_task(event.stage, total=None, unit=event.unit)
             task = tasks[event.stage]
             if event.phase == "progress":
-                bar.update(task, completed=event.done, total=event.total, unit=event.unit)
+                unit = event.unit if event.best is None else f"{event.unit}, best {event.best:.3f}"
+                bar.update(task, completed=event.done, total=event.total, unit=unit)
             elif event.phase == "done":
                 note = "cached" if event.cache_hit else "done"
                 bar.update(task, description=f"{event.stage} ({note})", total=bar.tasks[task].total or 1,
@@ -607,8 +608,10 @@ def search(
             table.add_row(row["model"], *(f"{v:.2f}" for v in row["test"]))
         _print_table(err, table)
         kept = ", ".join("n/a" if k is None else f"{k:.2f}" for k in record["kept"])
-        err.print(f"{name}: {made[name].id}; {record['steps']} steps in {record['seconds'] / 60:.1f} min (best at step "
-                  f"{record['best_step']}); found / best parent on test lines: {kept}", markup=False)
+        done = f"{record['trials']} trials" if "trials" in record else f"{record['steps']} steps"
+        best = f"trial {record['best_trial']}" if "trials" in record else f"step {record['best_step']}"
+        err.print(f"{name}: {made[name].id}; {done} in {record['seconds'] / 60:.1f} min (best at {best}); "
+                  f"found / best parent on test lines: {kept}", markup=False)
     err.print(f"found recipe: {target}", markup=False)
     if final:
         print(final.id)

@@ -13,6 +13,7 @@ class ProgressEvent:
     unit: str = "tensors"
     model_id: str | None = None
     cache_hit: bool = False
+    best: float | None = None  # a search's best objective so far
 
 
 Reporter = Callable[[ProgressEvent], None]

@@ -190,8 +190,9 @@ class EvaluateStage(_Stage):
 
 
 class SearchBudget(_Strict):
-    steps: int = Field(default=40, gt=0, le=100000, description="Gradient steps at most")
-    minutes: float = Field(default=10.0, gt=0, description="Wall-clock minutes at most for the search (loading and the final checks excluded)")
+    steps: int = Field(default=40, gt=0, le=100000, description="learned: gradient steps at most")
+    trials: int = Field(default=40, gt=0, le=100000, description="blackbox: finished trials at most, counting those of earlier runs of the same study")
+    minutes: float = Field(default=10.0, gt=0, description="Wall-clock minutes at most for this run of the search (loading and the final checks excluded)")
 
 
 class LearnedSearch(_Strict):
@@ -201,22 +202,62 @@ class LearnedSearch(_Strict):
     choose_fraction: float = Field(default=0.25, ge=0, lt=1, description="Share of each task's search lines held out of training to choose the best step")
 
 
+VARIED = ("weight", "density", "t", "lambda")  # the merge parameters a black-box search can vary
+MODULE_FAMILIES = ("attention", "mlp")
+
+
+class Granularity(_Strict):
+    layer_groups: int = Field(default=1, ge=1, le=1024, description="Consecutive groups of layers, each with its own values")
+    modules: list[Literal[MODULE_FAMILIES]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Module families with their own values in each layer group; other tensors share one")
+
+
+class BlackboxSearch(_Strict):
+    sampler: Literal["tpe", "nsga2"] = Field(
+        default="tpe", description="tpe: one objective (the worst task), with pruning; nsga2: one objective per task, a Pareto front")
+    first_examples: int = Field(default=8, gt=0, le=100000, description="Examples per task a trial is scored on first (tpe)")
+    promote: float = Field(default=0.5, gt=0, le=1, description="A trial is scored on all the search's lines when its first score is in this top fraction of the trials so far (tpe)")
+
+
 class SearchSpec(_Strict):
-    base: str = Field(description="The model the adapters were trained on (a model reference)")
-    adapters: list[AdapterInput] = Field(min_length=1, description="LoRA adapters; each weight is the starting coefficient of all its modules")
+    base: str | None = Field(default=None, description="learned: the model the adapters were trained on (a model reference)")
+    adapters: list[AdapterInput] = Field(default_factory=list, description="learned: LoRA adapters; each weight is the starting coefficient of all its modules")
+    merge: dict[str, Any] | None = Field(default=None, description="blackbox: the starting merge, a mergekit config (linear, task_arithmetic, ties, dare_ties or slerp) with plain-number parameters; its values are the first trial")
+    vary: dict[Literal[VARIED], tuple[float, float]] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="blackbox: the parameters searched, each with its [low, high] bounds (weight, density per model; t, lambda)")
+    granularity: Granularity = Field(default_factory=Granularity, description="blackbox: how many values each varied parameter has")
     tasks: list[str] = Field(min_length=1, description='Task JSONL files under the model roots, {"prompt", "answer"} lines; the skills to keep')
     test_lines: str = Field(default="1-50", description="Lines of every task file never scored during the search (from 1, e.g. 1-50 or 1-10,20); scored once, on the result and the parents")
-    searcher: Literal["learned"] = Field(default="learned", description="learned: one coefficient per (adapter, LoRA module), by gradient on the search's lines")
+    searcher: Literal["learned", "blackbox"] = Field(
+        default="learned", description="learned: one coefficient per (adapter, LoRA module), by gradient; blackbox: Optuna over a merge's parameters")
     learned: LearnedSearch = Field(default_factory=LearnedSearch)
+    blackbox: BlackboxSearch = Field(default_factory=BlackboxSearch)
     budget: SearchBudget = Field(default_factory=SearchBudget)
-    out_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(default=None, description="The result's dtype; default: the base's")
-    allow_other_base: bool = Field(default=False, description="Accept adapters whose adapter_config names another base model")
+    out_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(default=None, description="learned: the result's dtype; default: the base's (blackbox: the merge's out_dtype)")
+    allow_other_base: bool = Field(default=False, description="learned: accept adapters whose adapter_config names another base model")
 
     @model_validator(mode="after")
     def _test_lines_parse(self):
         from merger.search.split import parse_lines
 
         parse_lines(self.test_lines)  # raises ValueError with the reason
+        return self
+
+    @model_validator(mode="after")
+    def _fields_of_the_searcher(self):
+        if self.searcher == "learned":
+            if not self.base or not self.adapters:
+                raise ValueError("the learned searcher needs base and adapters")
+            if self.merge is not None or self.vary:
+                raise ValueError("merge and vary are the blackbox searcher's (searcher: blackbox)")
+        else:
+            if self.merge is None or not self.vary:
+                raise ValueError("the blackbox searcher needs merge (the starting merge) and vary (what to search)")
+            if self.base is not None or self.adapters:
+                raise ValueError("base and adapters are the learned searcher's; name the models in merge")
+        for name, (low, high) in self.vary.items():
+            if not low <= high:
+                raise ValueError(f"vary.{name}: the low bound {low} is above the high bound {high}")
         return self
 
 
@@ -226,7 +267,12 @@ class SearchStage(_Stage):
     kind: ClassVar[str] = "search"
     name: str = Field(pattern=NAME_PATTERN)
     search: SearchSpec
-    seed: int = Field(default=0, description="Seeds the data split and the order of training examples")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds the data split, the order of training examples, the sampler and DARE")
+
+    @classmethod
+    def check_kind_body(cls, raw: Any, loc: tuple) -> list[Problem]:
+        merge = raw.get("merge") if isinstance(raw, dict) else None
+        return check_merge_config(merge, loc + ("merge",)) if isinstance(merge, dict) else []
 
 
 

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
         description="Directories a recipe may read local models and adapters from (os.pathsep-separated in the env)",
     )
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite under home")
+    search_database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the black-box searches' Optuna studies; default: SQLite search.db under home")
     max_recipe_bytes: int = Field(default=256 * 1024, description="Largest recipe file accepted")
     hf_cache_dir: Path | None = Field(default=None, description="Hugging Face cache for org/name@rev references")
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
@@ -57,6 +59,11 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'merger.db'}"
+
+    @property
+    def resolved_search_database_url(self) -> str:
+        """Optuna keeps its own tables and its own Alembic version table, so its studies live apart from lineage."""
+        return self.search_database_url or f"sqlite:///{self.home / 'search.db'}"
 
     @property
     def resolved_broker_url(self) -> str:

@@ -1,4 +1,11 @@
-"""The learned-coefficients search on the real fixtures: Gemma 3 270M with the sentiment and json LoRA adapters.
+"""The searchers on the real fixtures: Gemma 3 270M with the sentiment and json LoRA adapters.
+
+``--searcher blackbox`` runs the search stage (Optuna) through the orchestrator instead: TIES over the base with
+each adapter folded in, weight and density varied per module family (attention / MLP), on lines 51-100 of each
+task file; the result is stored in MERGER_HOME (which must hold gemma-3-270m, with the fixtures under
+MERGER_MODEL_ROOTS), and the stage's test-line table, trials and minutes are printed.
+
+The learned searcher (the default):
 
 Learns one coefficient per (adapter, LoRA module) on lines 51-100 of each fixture task file (three quarters
 to train, a quarter to choose the best step), then measures by greedy generation on test lines 1-50, which
@@ -43,10 +50,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); on a loaded machine 1 can be faster")
     parser.add_argument("--out", type=Path, help="write the found coefficients (per adapter, per weight) here")
+    parser.add_argument("--searcher", choices=["learned", "blackbox"], default="learned")
+    parser.add_argument("--trials", type=int, default=40, help="blackbox: trials at most")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.searcher == "blackbox":
+        blackbox(args)
+        return
     store = Store(Settings())
     base = store.resolve(args.base)
     print(f"load average at start: {os.getloadavg()}; torch threads: {torch.get_num_threads()}", flush=True)
@@ -92,6 +104,43 @@ def main() -> None:
         values = session.mixture.per_adapter(result.coefficients)
         args.out.write_text(json.dumps({name: v for name, v in zip(args.tasks, values, strict=True)}, indent=1))
     sys.exit(0)
+
+
+def blackbox(args) -> None:
+    from merger.orchestrator import check_recipe, run_recipe
+
+    settings = Settings()
+    store = Store(settings)
+    models = [{"model": f"{args.base}+adapters/{name}", "parameters": {"weight": w, "density": d}}
+              for name, w, d in zip(args.tasks, args.start, [0.3, 0.7], strict=True)]
+    recipe = {"stages": [{"name": "fixtures-blackbox", "seed": args.seed, "search": {
+        "searcher": "blackbox",
+        "merge": {"merge_method": "ties", "base_model": args.base, "models": models, "dtype": "float32", "out_dtype": "bfloat16"},
+        "vary": {"weight": [0.0, 1.5], "density": [0.1, 1.0]}, "granularity": {"modules": ["attention", "mlp"]},
+        "tasks": [f"tasks/{name}.jsonl" for name in args.tasks], "test_lines": args.test_lines,
+        "budget": {"trials": args.trials, "minutes": args.minutes}}}]}
+    print(f"load average at start: {os.getloadavg()}; torch threads: {torch.get_num_threads()}", flush=True)
+    started = time.monotonic()
+
+    def report(event) -> None:
+        if event.unit == "trials" and event.phase == "progress":
+            print(f"trial {event.done}/{event.total} at {(time.monotonic() - started) / 60:.1f} min, best worst-task {event.best:.2f}", flush=True)
+
+    [result] = run_recipe(check_recipe(recipe, settings, store, default_name="fixtures"), settings, store, report=report, force=True)
+    record = result.model.origin["search"]
+    print(f"search: {record['trials_this_run']} trials this run ({record['trials']} in the study) in {record['seconds'] / 60:.1f} min; "
+          f"best trial {record['best_trial']}; whole stage {(time.monotonic() - started) / 60:.1f} min; load average {os.getloadavg()}")
+    print(f"\ntest lines {args.test_lines} (greedy; never scored by the search)")
+    print("| model | " + " | ".join(args.tasks) + " |\n|---|" + "---|" * len(args.tasks))
+    for row in record["test_table"]:
+        print(f"| {row['model']} | " + " | ".join(f"{a:.2f}" for a in row["test"]) + " |")
+    kept = record["kept"]
+    print(f"found / best parent: {' '.join('n/a' if k is None else f'{k:.2f}' for k in kept)}; model {result.model.id}")
+    for h in record["history"]:
+        print(f"trial {h['step']} {h['state']} exact {h['exact']} objective {[round(x, 3) for x in h['objective']]}"
+              f"{' pareto' if h['pareto'] else ''}")
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -31,12 +31,17 @@ class Session:
     def test_accuracy(self, values: torch.Tensor) -> list[float]:
         """Greedy accuracy on each task's test lines (the fixtures' definition), with ``values`` as coefficients."""
         self.mixture.set(values)
-        lm = HFModel("transformers", self.mixture.model, self.tokenizer)
-        out = []
-        for split in self.splits:
-            examples: list[Generation] = [line.example for line in split.test]
-            out.append(generation_accuracy(lm, examples, step=lambda *_: None).values["accuracy"] if examples else float("nan"))
-        return out
+        return greedy_test_accuracy(self.mixture.model, self.tokenizer, self.splits)
+
+
+def greedy_test_accuracy(model, tokenizer, splits: list[TaskSplit]) -> list[float]:
+    """Greedy accuracy of a resident model on each task's test lines."""
+    lm = HFModel("transformers", model, tokenizer)
+    out = []
+    for split in splits:
+        examples: list[Generation] = [line.example for line in split.test]
+        out.append(generation_accuracy(lm, examples, step=lambda *_: None).values["accuracy"] if examples else float("nan"))
+    return out
 
 
 def open_session(base_dir: Path, adapter_dirs: list[Path], tasks: list[tuple[Path, str]], test_lines: frozenset[int],

@@ -29,24 +29,25 @@ DIGITS = 6  # significant digits of a written coefficient
 
 
 def summary(stage: SearchStage) -> str:
+    if stage.search.searcher == "blackbox":
+        from merger.stages import search_blackbox
+
+        return search_blackbox.summary(stage)
     return f"A merge of {len(stage.search.adapters)} LoRA adapters into `{stage.search.base}` whose coefficients merger searched."
 
 
 def plan(stage: SearchStage, loc: tuple, context: PlanContext) -> tuple[StagePlan | None, list[Problem]]:
-    from merger.search.split import parse_lines, split_task
-
     spec = stage.search
+    problems: list[Problem] = []
+    tasks = _task_files(stage, loc, context, problems)
+    if spec.searcher == "blackbox":
+        from merger.stages import search_blackbox
+
+        return search_blackbox.plan(stage, loc, context, tasks, problems)
     folded = AdaptersStage(name=stage.name, adapters=AdaptersSpec(base=spec.base, mode="fold", adapters=spec.adapters,
                                                                 allow_other_base=spec.allow_other_base))
-    checked, problems = adapters_stage.plan(folded, loc, context)  # base and adapters, with this stage's field paths
-    tasks = []
-    for j, text in enumerate(spec.tasks):
-        try:
-            path = context.resolver.data_file(text)
-            split_task(path, text, parse_lines(spec.test_lines), choose_fraction=spec.learned.choose_fraction, seed=stage.seed)
-            tasks.append((path, text))
-        except (DataError, UnresolvedReference) as exc:
-            problems.append(Problem(format_loc(loc + ("tasks", j)), str(exc)))
+    checked, adapter_problems = adapters_stage.plan(folded, loc, context)  # base and adapters, with this stage's field paths
+    problems = adapter_problems + problems
     if checked is None or problems:
         return None, problems
     out_dtype = spec.out_dtype or _dtype_of(checked.output_info)
@@ -55,6 +56,21 @@ def plan(stage: SearchStage, loc: tuple, context: PlanContext) -> tuple[StagePla
     if merged is None or merge_problems:
         return None, merge_problems or [Problem(format_loc(loc), "the merge this search writes does not plan")]
     return StagePlan(stage, merged.inputs, merged.output_info, {"merge": merged.details, "tasks": tasks, "out_dtype": out_dtype}), []
+
+
+def _task_files(stage: SearchStage, loc: tuple, context: PlanContext, problems: list[Problem]) -> list[tuple[Path, str]]:
+    """Each task file, resolved under the model roots, that splits with lines left for the search."""
+    from merger.search.split import parse_lines, split_task
+
+    tasks = []
+    for j, text in enumerate(stage.search.tasks):
+        try:
+            path = context.resolver.data_file(text)
+            split_task(path, text, parse_lines(stage.search.test_lines), choose_fraction=stage.search.learned.choose_fraction, seed=stage.seed)
+            tasks.append((path, text))
+        except (DataError, UnresolvedReference) as exc:
+            problems.append(Problem(format_loc(loc + ("tasks", j)), str(exc)))
+    return tasks
 
 
 def _dtype_of(info) -> str | None:
@@ -87,6 +103,10 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
 
     stage: SearchStage = plan.stage
     spec = stage.search
+    if spec.searcher == "blackbox":
+        from merger.stages import search_blackbox
+
+        return search_blackbox.run(plan, dirs, out_dir, work_dir, report, should_cancel)
     slots = plan.details["merge"]["slots"]
     base_dir = dirs[next(slot.model_input for slot in slots if slot.adapter_input is None)]
     adapter_dirs = [dirs[slot.adapter_input] for slot in slots if slot.adapter_input is not None]  # in recipe order
@@ -111,7 +131,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
 
     written = written_stage(stage, coefficients, plan.details["out_dtype"])
     merge_stage.run(StagePlan(written, plan.inputs, plan.output_info, plan.details["merge"]), dirs, out_dir, work_dir, report, should_cancel)
-    rows.append({"model": "found", "test": _test_accuracy(out_dir, plan.details["tasks"], parse_lines(spec.test_lines))})
+    rows.append({"model": "found", "test": stored_test_accuracy(out_dir, plan.details["tasks"], parse_lines(spec.test_lines))})
     parents = [max(row["test"][t] for row in rows[: len(spec.adapters)]) for t in range(len(spec.tasks))]
     record = {
         "searcher": spec.searcher,
@@ -121,8 +141,8 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "best_step": result.best.step,
-        "choosing_scores": {"start": _scores(result.start.scores), "best": _scores(result.best.scores),
-                            "parents": [_scores(p) for p in result.parents]},
+        "choosing_scores": {"start": scores_record(result.start.scores), "best": scores_record(result.best.scores),
+                            "parents": [scores_record(p) for p in result.parents]},
         "history": [{"step": c.step, "loss": c.loss, "objective": list(c.objective)} for c in result.history],
         "test_table": rows,
         "kept": [f / p if p else None for f, p in zip(rows[-1]["test"], parents, strict=True)],
@@ -132,11 +152,11 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
                        origin={"search": record})
 
 
-def _scores(scores) -> list[dict]:
+def scores_record(scores) -> list[dict]:
     return [{"exact": s.exact, "loglik": s.loglik, "examples": s.examples} for s in scores]
 
 
-def _test_accuracy(model_dir: Path, tasks: list[tuple[Path, str]], test_lines: frozenset[int]) -> list[float]:
+def stored_test_accuracy(model_dir: Path, tasks: list[tuple[Path, str]], test_lines: frozenset[int]) -> list[float]:
     """Greedy accuracy of the written merge, as stored, on each task's test lines."""
     from merger.search.split import split_task
 
