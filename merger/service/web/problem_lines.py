@@ -10,7 +10,7 @@ PLAIN_CONFIG_PREFIX = re.compile(r"^stages\[0\]\.merge\.?")
 
 
 def _parts(loc: str) -> list[str | int]:
-    return [int(index) if index is not None else key for key, index in LOC_PART.findall(loc)]
+    return [int(index) if index else key for key, index in LOC_PART.findall(loc)]
 
 
 def _child(node: yaml.Node, part: str | int) -> yaml.Node | None:
