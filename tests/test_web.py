@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from playwright.sync_api import expect
 
 from tests.service_harness import Service, wait_for
 from tests.test_single_user import run_locally
@@ -171,7 +172,7 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     v.sign_in(server.token("alice"))
     v.go("/editor")
     set_recipe(v.page, BROKEN)
-    v.page.wait_for_function("document.querySelectorAll('#problems li').length === 3")
+    expect(v.page.locator("#problems li")).to_have_count(3)
     found = problems(v.page)
     for word, line in BROKEN_LINES.items():
         assert any(f"line {line}" in p and word in p for p in found), (word, line, found)
@@ -192,15 +193,16 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     v.page.wait_for_selector("#state:has-text('succeeded')", timeout=180_000)
     bars = v.page.locator("#stages progress")
     assert bars.count() == 2 and all(bars.nth(i).evaluate("b => b.value") == 1 for i in range(2))
-    assert v.page.locator("#elapsed").inner_text() != "–"
+    assert v.page.locator("#elapsed").inner_text() != "–" and not v.page.get_by_role("button", name="Cancel").is_visible()
     v.shot("job")
 
     v.page.locator("#model a").click()
-    v.page.wait_for_selector("h1:has-text('web-ties')")
+    v.page.wait_for_selector("h1:has-text('merged')")
+    merged_id = v.page.url.rsplit("/", 1)[1]
     scores = v.page.locator("#scores tbody tr")
     assert scores.count() == 4  # the base, the two donors and the merge
     assert v.page.locator("#scores tr.this td.num").first.inner_text() not in ("", "–")
-    v.page.wait_for_function("Chart.getChart('score-chart') !== undefined")
+    assert v.page.evaluate("Chart.getChart('score-chart').data.datasets[0].data.length") == 4
     v.shot("model")
 
     weights = v.page.locator("table.files tr", has_text="model.safetensors")
@@ -211,7 +213,7 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
 
     v.page.get_by_role("link", name="Lineage graph").click()
     v.page.wait_for_selector("#graph-status:has-text('4 models')")
-    assert set(v.page.locator("#graph-list a").all_inner_texts()) == {"web-ties", "gemma3-base", "gemma3-ft1", "gemma3-ft2"}
+    assert set(v.page.locator("#graph-list a").all_inner_texts()) == {"merged", "gemma3-base", "gemma3-ft1", "gemma3-ft2"}
     assert v.page.locator("#graph canvas").count() > 0
     v.shot("lineage")
     v.page.get_by_label("Depth").select_option("1")
@@ -221,12 +223,14 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     v.page.get_by_role("link", name="gemma3-base").click()  # the list beside the graph: each model opens
     v.page.wait_for_selector("h1:has-text('gemma3-base')")
 
-    v.page.get_by_role("link", name="Compare").first.click()
-    v.page.get_by_label("First").select_option(label=re.compile(r"^gemma3-base"))
-    v.page.get_by_label("Second").select_option(label=re.compile(r"^web-ties"))
-    v.page.get_by_role("button", name="Compare").click()
-    v.page.wait_for_selector("h2:has-text('Common ancestors')")
-    assert "gemma3-base" in v.page.locator("section", has=v.page.locator("h2:has-text('Common ancestors')")).inner_text()
+    v.page.go_back()
+    v.page.go_back()  # the merge's page
+    v.page.get_by_role("link", name=re.compile("^Compare with")).click()
+    assert v.page.get_by_label("Second").input_value() == merged_id
+    common = v.page.locator("section", has=v.page.locator("h2", has_text="Common ancestors"))
+    parent = v.page.get_by_label("First").locator("option:checked").inner_text().split(" ")[0]
+    assert common.get_by_role("link").all_inner_texts() == [parent]  # the parent is the one model both descend from
+    assert v.page.locator("pre.diff .add").count() > 0  # the base has no recipe: every line of the merge's is new
     v.shot("compare")
 
 
