@@ -204,6 +204,9 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     assert v.page.locator("#scores tr.this td.num").first.inner_text() not in ("", "–")
     assert v.page.evaluate("Chart.getChart('score-chart').data.datasets[0].data.length") == 4
     v.shot("model")
+    v.page.get_by_role("link", name="Use as a new recipe").first.click()
+    v.page.wait_for_selector("#status:has-text('No problems. Stages: merged.')")
+    v.page.go_back()
 
     weights = v.page.locator("table.files tr", has_text="model.safetensors")
     sha = weights.locator("code.sha").inner_text()
@@ -223,8 +226,7 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     v.page.get_by_role("link", name="gemma3-base").click()  # the list beside the graph: each model opens
     v.page.wait_for_selector("h1:has-text('gemma3-base')")
 
-    v.page.go_back()
-    v.page.go_back()  # the merge's page
+    v.go(f"/models/{merged_id}")
     v.page.get_by_role("link", name=re.compile("^Compare with")).click()
     assert v.page.get_by_label("Second").input_value() == merged_id
     common = v.page.locator("section", has=v.page.locator("h2", has_text="Common ancestors"))
@@ -232,6 +234,27 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     assert common.get_by_role("link").all_inner_texts() == [parent]  # the parent is the one model both descend from
     assert v.page.locator("pre.diff .add").count() > 0  # the base has no recipe: every line of the merge's is new
     v.shot("compare")
+
+
+def test_a_job_page_follows_its_job_across_a_restart_of_the_server(visit, server):
+    """The job outlives the page's connection: queued with no worker, the API restarted, then a worker runs it."""
+    token = server.token("erin")
+    for worker in list(server.workers):
+        server.stop_worker(worker)
+    job = server.client(token).post("/v1/jobs", json={"recipe": yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": "gemma3-ft1", "parameters": {"weight": 0.7}}, {"model": "gemma3-ft2", "parameters": {"weight": 0.3}}]}),
+        "name": "restarted"}).json()
+    v = visit()
+    v.sign_in(token)
+    v.go(f"/jobs/{job['id']}")
+    v.page.wait_for_selector("#live:has-text('live')")
+    assert v.page.locator("#state").inner_text() == "queued"
+    server.stop_api()
+    v.page.wait_for_selector("#live:has-text('reconnecting')")
+    server.start_api()
+    server.start_worker()
+    v.page.wait_for_selector("#state:has-text('succeeded')", timeout=180_000)
+    assert v.page.locator("#model a").count() == 1
 
 
 def test_sign_in_cookie_and_privacy(visit, server):

@@ -174,7 +174,7 @@ def editor_page(request: Request, svc: ServiceDep, user: PageUser, example: str 
     """The editor; ``example``: a shipped recipe, ``model``: the recipe that made a model (else the saved draft)."""
     text = ""
     if model:
-        text = views.recipe_yaml(visible_model(svc, model, user))
+        text = views.new_recipe_yaml(visible_model(svc, model, user))
     elif example in _examples():
         text = (EXAMPLES / f"{example}.yaml").read_text(encoding="utf-8")
     return page(request, "editor.html", user, examples=_examples(), example=example, text=text)

@@ -51,7 +51,13 @@ def card_html(svc: Service, model: ModelRow) -> tuple[str, str]:
 
 
 def recipe_yaml(model: ModelRow) -> str:
+    """The stage recipe that made the model, as stored."""
     return yaml.safe_dump(model.recipe, sort_keys=False, allow_unicode=True) if model.recipe else ""
+
+
+def new_recipe_yaml(model: ModelRow) -> str:
+    """That stage as a recipe of its own, to edit and run again."""
+    return yaml.safe_dump({"stages": [model.recipe]}, sort_keys=False, allow_unicode=True) if model.recipe else ""
 
 
 def hub_repo(svc: Service, model: ModelRow, user: str) -> str | None:

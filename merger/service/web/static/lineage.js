@@ -48,7 +48,7 @@
       ...[...nodes.values()].map((n) => ({ data: { id: n.id, label: label(n), hidden: !!n.hidden, kind: n.kind || "placeholder" },
                                            classes: n.id === rootId ? "root" : "" })),
       ...[...edges.entries()].map(([key, e]) => ({ data: { id: key, source: e.parent, target: e.child,
-        label: e.relation + (e.weight === null || e.weight === undefined ? "" : ` ×${e.weight}`) } })),
+        label: `${e.relation}/${e.role}` + (e.weight === null || e.weight === undefined ? "" : ` ×${e.weight}`) } })),
     ];
     const graph = cytoscape({
       container, elements, wheelSensitivity: 0.3,
