@@ -13,6 +13,9 @@ import pytest
 import yaml
 from playwright.sync_api import expect
 
+from merger.db import ModelRow
+from merger.settings import Settings
+from merger.store import Store
 from tests.service_harness import Service, wait_for
 from tests.test_single_user import run_locally
 
@@ -310,7 +313,9 @@ def test_phone_sized_screen_and_keyboard(visit, server):
         unlabelled = v.page.evaluate("""[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
             .filter(e => e.offsetParent !== null && !e.labels.length && !e.getAttribute('aria-label')).map(e => e.id || e.name)""")
         assert unlabelled == [], (path, unlabelled)
-    v.go("/editor")
+    v.go("/editor?example=gemma-linear")  # a shipped example names Gemma 3 270M, which this store lacks
+    v.page.wait_for_selector("#status:has-text('problem')")
+    assert v.page.locator("#problems li").count() > 0
     v.shot("editor-phone")
     v.go("/models")
     v.page.keyboard.press("Tab")
@@ -323,6 +328,9 @@ def test_phone_sized_screen_and_keyboard(visit, server):
 def test_single_user_mode_shows_a_model_made_by_merger_run(browser, model_root, screenshots, tmp_path):
     env = server_env(tmp_path / "home", model_root, MERGER_SINGLE_USER="true")
     made = run_locally(env, tmp_path / "local-merge.yaml", 0.4)
+    with Store(Settings(home=tmp_path / "home")).session.begin() as s:  # as a search stage records its trials
+        s.get(ModelRow, made).origin = {"search": {"history": [
+            {"step": step, "loss": None, "objective": [0.5 + step / 100, 0.6 + step / 100, -2.0]} for step in (0, 10, 20)]}}
     (tmp_path / "logs").mkdir()
     local = Service(env, tmp_path / "logs")
     v = Visit(browser, local.url, screenshots)
@@ -332,6 +340,8 @@ def test_single_user_mode_shows_a_model_made_by_merger_run(browser, model_root, 
         v.page.wait_for_url(re.compile(made))
         assert v.page.get_by_role("button", name="Make public").is_visible()  # the local user owns it
         assert f"hf download local/local-merge --revision {made[:40]}" in v.page.locator("pre.snippet").first.inner_text()
+        assert v.page.evaluate("Chart.getChart('search-chart').data.datasets.map(d => d.data.map(p => p.y))") == [
+            [0.5 + step / 100 for step in (0, 10, 20)], [0.6 + step / 100 for step in (0, 10, 20)]]
         v.shot("model-single-user")
         v.page.get_by_role("button", name="Make public").click()
         v.page.wait_for_selector("#visibility:has-text('public')")
