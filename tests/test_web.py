@@ -239,17 +239,29 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     v.shot("compare")
 
 
-def test_a_job_page_follows_its_job_across_a_restart_of_the_server(visit, server):
-    """The job outlives the page's connection: queued with no worker, the API restarted, then a worker runs it."""
+def linear(weight: float) -> str:
+    return yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": "gemma3-ft1", "parameters": {"weight": weight}}, {"model": "gemma3-ft2", "parameters": {"weight": 1 - weight}}]})
+
+
+def test_jobs_cancel_and_a_job_page_across_a_restart_of_the_server(visit, server):
+    """Jobs outlive the page's connection: queued with no worker, the API restarted, then a worker runs them."""
     token = server.token("erin")
     for worker in list(server.workers):
         server.stop_worker(worker)
-    job = server.client(token).post("/v1/jobs", json={"recipe": yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": "gemma3-ft1", "parameters": {"weight": 0.7}}, {"model": "gemma3-ft2", "parameters": {"weight": 0.3}}]}),
-        "name": "restarted"}).json()
+    client = server.client(token)
+    kept, cancelled = (client.post("/v1/jobs", json={"recipe": linear(w), "name": n}).json()
+                       for w, n in ((0.7, "restarted"), (0.1, "cancelled")))
     v = visit()
     v.sign_in(token)
-    v.go(f"/jobs/{job['id']}")
+    v.go("/jobs")
+    assert v.page.locator("#jobs tbody tr .state").all_inner_texts() == ["queued", "queued"]
+
+    v.go(f"/jobs/{cancelled['id']}")
+    v.page.get_by_role("button", name="Cancel").click()
+    v.page.wait_for_selector("#state:has-text('cancelled')")
+
+    v.go(f"/jobs/{kept['id']}")
     v.page.wait_for_selector("#live:has-text('live')")
     assert v.page.locator("#state").inner_text() == "queued"
     server.stop_api()
@@ -258,12 +270,14 @@ def test_a_job_page_follows_its_job_across_a_restart_of_the_server(visit, server
     server.start_worker()
     v.page.wait_for_selector("#state:has-text('succeeded')", timeout=180_000)
     assert v.page.locator("#model a").count() == 1
+    v.go("/jobs")
+    assert v.page.locator("#jobs tbody tr .state").all_inner_texts() == ["cancelled", "succeeded"]
+    v.shot("jobs")
 
 
 def test_sign_in_cookie_and_privacy(visit, server):
     bob = server.client(server.token("bob"))
-    private = finished_job(bob, yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": "gemma3-ft1", "parameters": {"weight": 0.2}}, {"model": "gemma3-ft2", "parameters": {"weight": 0.8}}]}), "bobs")
+    private = finished_job(bob, linear(0.2), "bobs")
     assert private["state"] == "succeeded"
 
     v = visit()
@@ -280,6 +294,7 @@ def test_sign_in_cookie_and_privacy(visit, server):
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] == alice
     assert "merger_token" not in v.page.evaluate("document.cookie")
     assert v.go(f"/models/{private['model_id']}").status == 404  # bob's model is not reachable by URL
+    assert v.page.get_by_role("alert").inner_text() == f"no model {private['model_id']}"
     assert v.go(f"/v1/models/{private['model_id']}/files/config.json").status == 404
     v.go("/models?name=bobs")
     assert v.page.locator("#models tbody").inner_text().startswith("No models match")

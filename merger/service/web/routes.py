@@ -36,11 +36,24 @@ TEMPLATES.env.filters["size"] = human_size
 CSP = ("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
        "form-action 'self'; frame-ancestors 'none'")
 
-router = APIRouter(include_in_schema=False)
-
-
 class SignInRequired(Exception):
     pass
+
+
+class PageError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def errors_as_pages():
+    """A page's 403 or 404 as a page, not the API's JSON."""
+    try:
+        yield
+    except HTTPException as exc:
+        raise PageError(exc.status_code, str(exc.detail)) from None
+
+
+router = APIRouter(include_in_schema=False, dependencies=[Depends(errors_as_pages)])
 
 
 def page_user(request: Request, svc: ServiceDep) -> str:
@@ -62,6 +75,10 @@ def mount(app: FastAPI) -> None:
     @app.exception_handler(SignInRequired)
     async def sign_in_first(request: Request, _exc: SignInRequired):
         return RedirectResponse(f"/signin?next={quote(request.url.path)}", status_code=303)
+
+    @app.exception_handler(PageError)
+    async def error_page(request: Request, exc: PageError):
+        return page(request, "error.html", None, status_code=exc.status, status=exc.status, message=exc.message)
 
 
 def page(request: Request, template: str, user: str | None, status_code: int = 200, **context) -> Response:
@@ -207,7 +224,7 @@ def check(request: Request, body: CheckIn, svc: ServiceDep, user: PageUser):
 
 @router.get("/jobs")
 def jobs_page(request: Request, svc: ServiceDep, user: PageUser):
-    return page(request, "jobs.html", user, jobs=[JobOut.of(j) for j in svc.jobs.owned_by(user)])
+    return page(request, "jobs.html", user, jobs=[JobOut.of(j) for j in svc.jobs.owned_by(user)], final=FINAL)
 
 
 @router.get("/jobs/{job_id}")
