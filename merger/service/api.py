@@ -9,12 +9,10 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 
 from merger import __version__, graph
-from merger.access import can_see, grant, visible_to
-from merger.db import ModelRow
+from merger.access import can_see, grant
 from merger.errors import MergerError, Problem, RecipeError
 from merger.orchestrator import check_recipe
 from merger.registry import register
@@ -172,9 +170,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/models", response_model=list[ModelOut], responses=errors(401))
     def list_models(svc: ServiceDep, user: UserDep):
-        with svc.store.session() as s:
-            ids = list(s.scalars(select(ModelRow.id).where(visible_to(user)).order_by(ModelRow.created_at)))
-        return [model_out(svc, svc.store.get(i), user) for i in ids]
+        return lookups.visible_models(svc, user)
 
     @app.get("/v1/models/{model_id}", response_model=ModelOut, responses=errors(401, 404))
     def get_model(model_id: str, svc: ServiceDep, user: UserDep):

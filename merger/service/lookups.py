@@ -1,8 +1,9 @@
 """Looking up a model or job as a user may see it, for the API and the web pages (404, never 403: no existence leak)."""
 
 from fastapi import HTTPException
+from sqlalchemy import select
 
-from merger.access import can_see, owns
+from merger.access import can_see, owns, visible_to
 from merger.db import JobRow, ModelRow
 from merger.service.deps import Service
 from merger.service.schemas import ModelOut
@@ -25,6 +26,13 @@ def model_out(svc: Service, model: ModelRow, user: str) -> ModelOut:
             if not can_see(s, parent.id, user):
                 parent.name, parent.kind = None, "hidden"
     return out
+
+
+def visible_models(svc: Service, user: str) -> list[ModelOut]:
+    """Every model the user may see, oldest first."""
+    with svc.store.session() as s:
+        ids = list(s.scalars(select(ModelRow.id).where(visible_to(user)).order_by(ModelRow.created_at)))
+    return [model_out(svc, svc.store.get(i), user) for i in ids]
 
 
 def set_visibility(svc: Service, model_id: str, user: str, public: bool) -> ModelRow:

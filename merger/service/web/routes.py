@@ -20,10 +20,10 @@ from merger.orchestrator import check_recipe
 from merger.recipe import parse_recipe
 from merger.safe_yaml import load_recipe_text
 from merger.service.auth import user_for_token
-from merger.service.deps import ServiceDep, current_user
+from merger.service.deps import Service, ServiceDep, current_user
 from merger.service.jobs import FINAL
-from merger.service.lookups import model_out, own_job, set_visibility, visible_model
-from merger.service.schemas import JobOut
+from merger.service.lookups import model_out, own_job, set_visibility, visible_model, visible_models
+from merger.service.schemas import JobOut, ModelOut
 from merger.service.session import forget_token, keep_token, require_same_origin
 from merger.service.web import views
 from merger.service.web.problem_lines import problem_lines
@@ -89,6 +89,10 @@ def page(request: Request, template: str, user: str | None, status_code: int = 2
     return response
 
 
+def newest_first(svc: Service, user: str) -> list[ModelOut]:
+    return visible_models(svc, user)[::-1]
+
+
 def _safe_next(target: str) -> str:
     """Only a path on this server (no scheme, no `//host`)."""
     return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
@@ -134,7 +138,7 @@ def sign_out(request: Request):
 
 @router.get("/models")
 def models_page(request: Request, svc: ServiceDep, user: PageUser, relation: str = "", name: str = ""):
-    rows = [(m, views.relation_of(m)) for m in views.visible_models(svc, user)]
+    rows = [(m, views.relation_of(m)) for m in newest_first(svc, user)]
     shown = [(m, r) for m, r in rows if (not relation or r == relation) and name.lower() in (m.name or "").lower()]
     return page(request, "models.html", user, models=shown, relations=views.RELATIONS, relation=relation, name=name,
                 total=len(rows))
@@ -166,7 +170,7 @@ def lineage_page(request: Request, model_id: str, svc: ServiceDep, user: PageUse
 
 @router.get("/compare")
 def compare_page(request: Request, svc: ServiceDep, user: PageUser, a: str = "", b: str = ""):
-    choices = views.visible_models(svc, user)
+    choices = newest_first(svc, user)
     context = {"selected": {"a": a, "b": b}}
     if a and b:
         rows = [visible_model(svc, a, user), visible_model(svc, b, user)]

@@ -9,7 +9,7 @@ from markdown_it import MarkdownIt
 from sqlalchemy import select
 
 from merger import graph
-from merger.access import can_see, owns, visible_to
+from merger.access import can_see, owns
 from merger.db import GrantRow, ModelRow
 from merger.evaluation.table import HEADINGS, headline
 from merger.service.deps import Service
@@ -29,13 +29,6 @@ def relation_of(model: ModelOut) -> str:
         if relation in relations:
             return shown
     return "base"
-
-
-def visible_models(svc: Service, user: str) -> list[ModelOut]:
-    """Every model the user may see, newest first."""
-    with svc.store.session() as s:
-        ids = list(s.scalars(select(ModelRow.id).where(visible_to(user)).order_by(ModelRow.created_at.desc())))
-    return [model_out(svc, svc.store.get(i), user) for i in ids]
 
 
 def card_html(svc: Service, model: ModelRow) -> tuple[str, str]:
