@@ -238,6 +238,16 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     assert v.page.locator("pre.diff .add").count() > 0  # the base has no recipe: every line of the merge's is new
     v.shot("compare")
 
+    v.go("/models")  # the filters apply as you choose and type (htmx)
+    names = v.page.locator("#models tbody td:first-child a")
+    v.page.get_by_label("Relation").select_option("merge")
+    expect(names).to_have_text(["merged"])
+    v.page.get_by_label("Relation").select_option("")
+    v.page.get_by_label("Name").fill("ft")
+    expect(names).to_have_count(2)
+    assert set(names.all_inner_texts()) == {"gemma3-ft1", "gemma3-ft2"}
+    assert v.page.url.endswith("/models?relation=&name=ft")
+
 
 def linear(weight: float) -> str:
     return yaml.safe_dump({"merge_method": "linear", "models": [
