@@ -116,10 +116,10 @@ def common_ancestors(svc: Service, a: str, b: str, user: str) -> list[graph.Node
 
 
 def recipe_diff(a: str, b: str, names: tuple[str, str]) -> list[tuple[str, str]]:
-    """A unified diff of two recipes as (kind, line): kind is add, remove, hunk or same."""
+    """A unified diff of two recipes as (kind, line): kind is add, remove, hunk (and the two file names) or same."""
     kinds = {"+": "add", "-": "remove", "@": "hunk"}
-    lines = difflib.unified_diff(a.splitlines(), b.splitlines(), fromfile=names[0], tofile=names[1], lineterm="")
-    return [(kinds.get(line[:1], "same"), line) for line in lines]
+    lines = list(difflib.unified_diff(a.splitlines(), b.splitlines(), fromfile=names[0], tofile=names[1], lineterm=""))
+    return [("hunk", line) for line in lines[:2]] + [(kinds.get(line[:1], "same"), line) for line in lines[2:]]
 
 
 def search_history(model: ModelRow) -> list[dict] | None:
