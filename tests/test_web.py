@@ -6,6 +6,7 @@ Each test saves screenshots of the pages it visits to MERGER_SCREENSHOTS (defaul
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 import httpx
@@ -249,23 +250,27 @@ def test_recipe_with_three_mistakes_then_a_job_to_its_model_lineage_and_evaluati
     assert v.page.url.endswith("/models?relation=&name=ft")
 
 
-def linear(weight: float) -> str:
+def linear(weight: float, first: str = "gemma3-ft1") -> str:
     return yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": "gemma3-ft1", "parameters": {"weight": weight}}, {"model": "gemma3-ft2", "parameters": {"weight": 1 - weight}}]})
+        {"model": first, "parameters": {"weight": weight}}, {"model": "gemma3-ft2", "parameters": {"weight": 1 - weight}}]})
 
 
-def test_jobs_cancel_and_a_job_page_across_a_restart_of_the_server(visit, server):
+def test_jobs_cancel_errors_and_a_job_page_across_a_restart_of_the_server(visit, server, model_root):
     """Jobs outlive the page's connection: queued with no worker, the API restarted, then a worker runs them."""
     token = server.token("erin")
     for worker in list(server.workers):
         server.stop_worker(worker)
     client = server.client(token)
-    kept, cancelled = (client.post("/v1/jobs", json={"recipe": linear(w), "name": n}).json()
-                       for w, n in ((0.7, "restarted"), (0.1, "cancelled")))
+    doomed = model_root / "web-doomed"  # valid at submission, gone when the job runs
+    shutil.copytree(model_root / "gemma3-ft1", doomed)
+    kept, cancelled, failing = (client.post("/v1/jobs", json={"recipe": linear(w, first), "name": name}).json()
+                                for w, first, name in ((0.7, "gemma3-ft1", "restarted"), (0.1, "gemma3-ft1", "cancelled"),
+                                                       (0.5, "web-doomed", "doomed")))
+    shutil.rmtree(doomed)
     v = visit()
     v.sign_in(token)
     v.go("/jobs")
-    assert v.page.locator("#jobs tbody tr .state").all_inner_texts() == ["queued", "queued"]
+    assert v.page.locator("#jobs tbody tr .state").all_inner_texts() == ["queued"] * 3
 
     v.go(f"/jobs/{cancelled['id']}")
     v.page.get_by_role("button", name="Cancel").click()
@@ -280,8 +285,13 @@ def test_jobs_cancel_and_a_job_page_across_a_restart_of_the_server(visit, server
     server.start_worker()
     v.page.wait_for_selector("#state:has-text('succeeded')", timeout=180_000)
     assert v.page.locator("#model a").count() == 1
+
+    v.go(f"/jobs/{failing['id']}")
+    v.page.wait_for_selector("#state:has-text('failed')", timeout=180_000)
+    assert "web-doomed" in v.page.get_by_role("alert").inner_text()  # the error, in full
+    v.shot("job-failed")
     v.go("/jobs")
-    assert v.page.locator("#jobs tbody tr .state").all_inner_texts() == ["cancelled", "succeeded"]
+    expect(v.page.locator("#jobs tbody tr .state")).to_have_text(["failed", "cancelled", "succeeded"])
     v.shot("jobs")
 
 
