@@ -42,6 +42,12 @@ def owned_by(user: str):
     return exists().where(GrantRow.model_id == ModelRow.id, GrantRow.user == user, GrantRow.owner.is_(True))
 
 
+def adopt_store(s: Session, user: str) -> None:
+    """Make ``user`` an owner of every model in the store they do not own yet (single-user mode: the local user owns
+    the whole store, also models made by `merger run`, which have no owner)."""
+    grant(s, list(s.scalars(select(ModelRow.id).where(~owned_by(user)))), user, owner=True)
+
+
 def as_seen_by(query: Select, viewer: str | None, as_of: datetime | None = None) -> Select:
     """``query`` (over ModelRow) narrowed to the models ``viewer`` may see, best first: the viewer's own, then those
     granted to them, then public ones; newest first within each. None (the local command line): all, newest first.

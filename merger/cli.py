@@ -344,7 +344,7 @@ def serve(
     port: int = 8000,
     workers: Annotated[Optional[int], typer.Option(help="Local worker processes to start (default: 1 without MERGER_BROKER_URL, else 0)")] = None,
 ) -> None:
-    """Run the HTTP API (and local workers). Without MERGER_BROKER_URL, jobs queue in SQLite: no Redis needed."""
+    """Run the web pages and the HTTP API (and local workers). Without MERGER_BROKER_URL, jobs queue in SQLite: no Redis needed."""
     import subprocess
 
     import uvicorn
@@ -355,7 +355,7 @@ def serve(
     count = workers if workers is not None else (0 if settings.broker_url else 1)
     # each worker in its own process group, so that stopping it stops its job processes too
     procs = [subprocess.Popen([sys.argv[0], "worker"], start_new_session=True) for _ in range(count)]
-    err.print(f"merger API on http://{host}:{port} (docs at /docs); broker {settings.resolved_broker_url}; {count} local worker(s)")
+    err.print(f"merger on http://{host}:{port}: web pages at /, API at /v1 (docs at /docs); broker {settings.resolved_broker_url}; {count} local worker(s)")
     # uvicorn re-raises the signal it stopped on; exit through `finally` (SIGTERM's default action would skip it)
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: sys.exit(0))

@@ -59,8 +59,16 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers: list[subprocess.Popen] = []
+        self.start_api()
+
+    def start_api(self) -> None:
+        """The API process (`merger serve`, no local workers), once it answers."""
         self.api, _ = self._spawn("api", [str(BIN / "merger"), "serve", "--port", str(self.port), "--workers", "0"])
         wait_for(self._api_up, 60, "the API")
+
+    def stop_api(self) -> None:
+        os.killpg(self.api.pid, signal.SIGTERM)
+        self.api.wait(timeout=30)
 
     def _spawn(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
         path = self.logs / f"{name}-{len(self.workers)}.log"
@@ -82,6 +90,11 @@ class Service:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited: {log.read_text()[-2000:]}")
         return proc
+
+    def stop_worker(self, proc: subprocess.Popen) -> None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        self.workers.remove(proc)
 
     def token(self, user: str) -> str:
         out = subprocess.run([str(BIN / "merger"), "token", "create", "--user", user], env=self.env,

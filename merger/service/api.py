@@ -9,21 +9,21 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 
 from merger import __version__, graph
-from merger.access import can_see, grant, owns, visible_to
-from merger.db import ModelRow
+from merger.access import can_see, grant
 from merger.errors import MergerError, Problem, RecipeError
 from merger.orchestrator import check_recipe
 from merger.registry import register
 from merger.safe_yaml import load_recipe_text
+from merger.service import lookups
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.hub import router as hub_router
 from merger.service.jobs import FINAL, Jobs
 from merger.service.limits import RequestLimits
+from merger.service.lookups import model_out, own_job, visible_model
 from merger.service.schemas import (
     BINARY,
     TEXT,
@@ -41,8 +41,9 @@ from merger.service.schemas import (
     errors,
     file_responses,
 )
+from merger.service.web import routes as web
 from merger.settings import Settings
-from merger.store import HEX, Store
+from merger.store import Store
 
 LOG = logging.getLogger(__name__)
 EVENT_POLL = 0.25
@@ -74,7 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes)
     app.state.service = svc
     _routes(app)
-    app.include_router(hub_router)  # after /v1: its /{owner}/{name}/resolve/... paths are the broadest
+    web.mount(app)  # the pages at /
+    app.include_router(hub_router)  # after /v1 and the pages: its /{owner}/{name}/resolve/... paths are the broadest
     return app
 
 
@@ -105,31 +107,6 @@ def _field_error(error: dict[str, Any]) -> dict[str, Any]:
 def _problems_response(exc: RecipeError) -> JSONResponse:
     body = ValidationOut(ok=False, problems=[{"loc": p.loc, "msg": p.msg} for p in exc.problems])
     return JSONResponse(body.model_dump(), status_code=422)
-
-
-def _visible_model(svc: Service, model_id: str, user: str) -> ModelRow:
-    """A model by full id or unique id prefix among those the user may see; else 404 (never 403: no existence leak)."""
-    model = svc.store.find(model_id, viewer=user) if HEX.match(model_id) else None
-    if model is None:
-        raise HTTPException(404, f"no model {model_id}")
-    return model
-
-
-def _model_out(svc: Service, model: ModelRow, user: str) -> ModelOut:
-    """A model as ``user`` may see it: a parent they may not see shows its id only (kind ``hidden``)."""
-    out = ModelOut.of(model)
-    with svc.store.session() as s:
-        for parent in out.parents:
-            if not can_see(s, parent.id, user):
-                parent.name, parent.kind = None, "hidden"
-    return out
-
-
-def _own_job(svc: Service, job_id: str, user: str):
-    job = svc.jobs.get(job_id, owner=user)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id}")
-    return job
 
 
 def _routes(app: FastAPI) -> None:
@@ -164,18 +141,18 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))
     def get_job(job_id: str, svc: ServiceDep, user: UserDep):
-        return JobOut.of(_own_job(svc, job_id, user))
+        return JobOut.of(own_job(svc, job_id, user))
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(401, 404))
     def cancel_job(job_id: str, svc: ServiceDep, user: UserDep):
-        _own_job(svc, job_id, user)
+        own_job(svc, job_id, user)
         return JobOut.of(svc.jobs.cancel(job_id))
 
     @app.get("/v1/jobs/{job_id}/events", response_class=Response,
              responses={200: JOB_EVENTS, **errors(401, 404)})
     async def job_events(job_id: str, svc: ServiceDep, user: UserDep):
         """Server-sent events: one `job` event per change of state, stage or progress, until the job ends."""
-        _own_job(svc, job_id, user)
+        own_job(svc, job_id, user)
 
         async def stream():
             last = None
@@ -193,23 +170,17 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/v1/models", response_model=list[ModelOut], responses=errors(401))
     def list_models(svc: ServiceDep, user: UserDep):
-        with svc.store.session() as s:
-            ids = list(s.scalars(select(ModelRow.id).where(visible_to(user)).order_by(ModelRow.created_at)))
-        return [_model_out(svc, svc.store.get(i), user) for i in ids]
+        return lookups.visible_models(svc, user)
 
     @app.get("/v1/models/{model_id}", response_model=ModelOut, responses=errors(401, 404))
     def get_model(model_id: str, svc: ServiceDep, user: UserDep):
-        return _model_out(svc, _visible_model(svc, model_id, user), user)
+        return model_out(svc, visible_model(svc, model_id, user), user)
 
     @app.post("/v1/models/{model_id}/visibility", response_model=ModelOut, responses=errors(401, 403, 404))
     def set_visibility(model_id: str, body: VisibilityIn, svc: ServiceDep, user: UserDep):
         """Only an owner (a user whose job stored the model, or who registered it first) may publish or unpublish it."""
-        model = _visible_model(svc, model_id, user)
-        with svc.store.session.begin() as s:
-            if not owns(s, model.id, user):
-                raise HTTPException(403, f"only the owner of model {model_id} may change its visibility")
-            s.get(ModelRow, model.id).public = body.public
-        return _model_out(svc, svc.store.get(model.id), user)
+        model = lookups.set_visibility(svc, model_id, user, body.public)
+        return model_out(svc, model, user)
 
     @app.post("/v1/models", response_model=ModelOut, status_code=201,
               responses={200: {"model": ModelOut, "description": "the same bytes were in the store already"}, **errors(401)})
@@ -223,7 +194,7 @@ def _routes(app: FastAPI) -> None:
             grant(s, [done.model.id], user, owner=done.created)
             if done.created:
                 grant(s, [p.model_id for p in done.parents if p.placeholder], user)
-        out = _model_out(svc, svc.store.get(done.model.id), user)
+        out = model_out(svc, svc.store.get(done.model.id), user)
         return out if done.created else JSONResponse(out.model_dump(mode="json"), status_code=200)
 
     @app.get("/v1/models/{model_id}/lineage", response_model=LineageOut,
@@ -236,11 +207,11 @@ def _routes(app: FastAPI) -> None:
         """Ancestors (default), descendants, or the path to another model. Models you may not see: see docs/lineage.md."""
         if direction and to:
             raise HTTPException(422, "give direction or to, not both")
-        model = _visible_model(svc, model_id, user)
+        model = visible_model(svc, model_id, user)
         with svc.store.session() as s:
             try:
                 if to:
-                    found = graph.between(svc.store, model.id, _visible_model(svc, to, user).id)
+                    found = graph.between(svc.store, model.id, visible_model(svc, to, user).id)
                 else:
                     found = (graph.descendants if direction == "descendants" else graph.ancestors)(svc.store, model.id)
                 found = graph.visible_part(found, lambda i: can_see(s, i, user))
@@ -253,13 +224,13 @@ def _routes(app: FastAPI) -> None:
     @app.get("/v1/models/{model_id}/evals", response_model=list[EvaluationOut], responses=errors(401, 404))
     def get_evaluations(model_id: str, svc: ServiceDep, user: UserDep):
         """Every stored evaluation of the model, oldest first."""
-        model = _visible_model(svc, model_id, user)
+        model = visible_model(svc, model_id, user)
         return [EvaluationOut.of(row) for row in svc.store.evaluations(model.id)]
 
     @app.get("/v1/models/{model_id}/files/{path:path}", response_class=Response, responses={**file_responses(), **errors(401, 404)})
     @app.head("/v1/models/{model_id}/files/{path:path}", response_class=Response, responses={**file_responses(), **errors(401, 404)})
     def get_file(model_id: str, path: str, svc: ServiceDep, user: UserDep):
-        model = _visible_model(svc, model_id, user)
+        model = visible_model(svc, model_id, user)
         entry = next((f for f in model.files if f.path == path), None)
         if entry is None:
             raise HTTPException(404, f"model {model_id} has no file {path}")
@@ -269,5 +240,5 @@ def _routes(app: FastAPI) -> None:
              responses={200: {"description": "A tar of the model's files under NAME/", "content": {"application/x-tar": BINARY}},
                         **errors(401, 404, 409)})
     def get_archive(model_id: str, svc: ServiceDep, user: UserDep):
-        model = _visible_model(svc, model_id, user)
+        model = visible_model(svc, model_id, user)
         return archive_response(svc.store, model)

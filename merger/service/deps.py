@@ -5,8 +5,10 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from merger.access import adopt_store
 from merger.service.auth import SINGLE_USER, ensure_user, user_for_token
 from merger.service.jobs import Jobs
+from merger.service.session import cookie_token
 from merger.settings import Settings
 from merger.store import Store
 
@@ -26,14 +28,17 @@ def service(request: Request) -> Service:
 
 
 def _single_user(svc: Service) -> str:
+    """The one user of a single-user server, who owns every model in the store (adopted on each request)."""
     with svc.store.session.begin() as s:
         ensure_user(s, SINGLE_USER)
+        adopt_store(s, SINGLE_USER)
     return SINGLE_USER
 
 
-def _bearer_token(request: Request) -> str | None:
+def _request_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, else that of the web pages' sign-in cookie."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else cookie_token(request)
 
 
 def _token_user(svc: Service, token: str) -> str | None:
@@ -44,7 +49,7 @@ def _token_user(svc: Service, token: str) -> str | None:
 def current_user(request: Request, svc: Annotated[Service, Depends(service)]) -> str:
     if svc.settings.single_user:
         return _single_user(svc)
-    token = _bearer_token(request)
+    token = _request_token(request)
     user = _token_user(svc, token) if token else None
     if user is None:
         raise HTTPException(401, "a valid API token is required (Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
@@ -55,7 +60,7 @@ def optional_user(request: Request, svc: Annotated[Service, Depends(service)]) -
     """The calling user, or None for a request without a token (it may read public models); an unknown token is refused."""
     if svc.settings.single_user:
         return _single_user(svc)
-    token = _bearer_token(request)
+    token = _request_token(request)
     if token is None:
         return None
     user = _token_user(svc, token)
