@@ -43,6 +43,14 @@ class _Stage(_Strict):
         """Checks beyond the pydantic model's own (which is strict already): none by default."""
         return []
 
+    def lineage_form(self) -> dict[str, Any]:
+        """The stage as its cache key, card and lineage recipe know it: what makes the files."""
+        return self.model_dump(mode="json")
+
+
+class Provenance(_Strict):
+    search: dict[str, Any] = Field(description="The record of the search that found this merge, as `merger search` writes it")
+
 
 class MergeStage(_Stage):
     """A mergekit merge; ``merge`` is any mergekit config (models, slices or modules)."""
@@ -51,7 +59,12 @@ class MergeStage(_Stage):
     name: str = Field(pattern=NAME_PATTERN, description="Stage name; later stages and the store refer to it")
     merge: dict[str, Any] = Field(description="A mergekit merge configuration, unchanged")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION + ", for randomized methods (dare_*, della, breadcrumbs)")
+    provenance: Provenance | None = Field(default=None, description="Where this merge came from, as the recipe states it (a found "
+                                          "recipe's search record); recorded as the model's origin, not part of its files or cache key")
     _config: MergeConfiguration | None = PrivateAttr(default=None)
+
+    def lineage_form(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"provenance"})
 
     @property
     def config(self) -> MergeConfiguration:
@@ -196,6 +209,8 @@ class LearnedSearch(_Strict):
     learning_rate: float = Field(default=0.05, gt=0, le=10, description="Adam's learning rate for the coefficients")
     check_every: int = Field(default=5, gt=0, description="Score the candidate on the choosing lines every this many steps")
     choose_fraction: float = Field(default=0.25, ge=0, lt=1, description="Share of each task's search lines held out of training to choose the best step")
+    general_weight: float = Field(default=0.0, ge=0, le=100, description="Weight of a next-token loss on general_text (one chunk per step) in the training loss; 0: off")
+    general_tokens: int = Field(default=128, ge=8, le=4096, description="Tokens per chunk of general_text for that loss")
 
 
 class SearchSpec(_Strict):
@@ -208,12 +223,15 @@ class SearchSpec(_Strict):
     budget: SearchBudget = Field(default_factory=SearchBudget)
     out_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(default=None, description="The result's dtype; default: the base's")
     allow_other_base: bool = Field(default=False, description="Accept adapters whose adapter_config names another base model")
+    general_text: str | None = Field(default=None, description="A UTF-8 text file under the model roots: the test-line table gains its perplexity (first 8 windows of 512 tokens, never trained on)")
 
     @model_validator(mode="after")
     def _test_lines_parse(self):
         from merger.search.split import parse_lines
 
         parse_lines(self.test_lines)  # raises ValueError with the reason
+        if self.learned.general_weight > 0 and self.general_text is None:
+            raise ValueError("learned.general_weight > 0 needs general_text")
         return self
 
 

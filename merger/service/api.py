@@ -19,6 +19,7 @@ from merger.errors import MergerError, Problem, RecipeError
 from merger.orchestrator import check_recipe
 from merger.registry import register
 from merger.safe_yaml import load_recipe_text
+from merger.search.picture import record_svg
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
 from merger.service.hub import router as hub_router
@@ -123,6 +124,13 @@ def _model_out(svc: Service, model: ModelRow, user: str) -> ModelOut:
             if not can_see(s, parent.id, user):
                 parent.name, parent.kind = None, "hidden"
     return out
+
+
+def _search_record(model: ModelRow, model_id: str) -> dict:
+    record = (model.origin or {}).get("search")
+    if not isinstance(record, dict):
+        raise HTTPException(404, f"model {model_id} was not made by a search")
+    return record
 
 
 def _own_job(svc: Service, job_id: str, user: str):
@@ -255,6 +263,19 @@ def _routes(app: FastAPI) -> None:
         """Every stored evaluation of the model, oldest first."""
         model = _visible_model(svc, model_id, user)
         return [EvaluationOut.of(row) for row in svc.store.evaluations(model.id)]
+
+    @app.get("/v1/models/{model_id}/search", response_model=dict[str, Any], responses=errors(401, 404))
+    def get_search(model_id: str, svc: ServiceDep, user: UserDep):
+        """The record of the search that made the model (docs/recipes.md#search); 404 for a model no search made."""
+        return _search_record(_visible_model(svc, model_id, user), model_id)
+
+    @app.get("/v1/models/{model_id}/search.svg", response_class=Response,
+             responses={200: {"description": "The picture of the search: objective and each task's accuracy over its steps",
+                              "content": {"image/svg+xml": TEXT}}, **errors(401, 404)})
+    def get_search_picture(model_id: str, svc: ServiceDep, user: UserDep):
+        model = _visible_model(svc, model_id, user)
+        svg = record_svg(_search_record(model, model_id), f"{model.name or model.id[:12]}: {model.id[:12]}")
+        return Response(svg, media_type="image/svg+xml")
 
     @app.get("/v1/models/{model_id}/files/{path:path}", response_class=Response, responses={**file_responses(), **errors(401, 404)})
     @app.head("/v1/models/{model_id}/files/{path:path}", response_class=Response, responses={**file_responses(), **errors(401, 404)})

@@ -154,7 +154,8 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     )
     with observed(mergekit.merge, stage.name, report, should_cancel), _threads_for(config.merge_method):
         mergekit.merge.run_merge(config, str(out_dir), options=options)
-    return StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge")
+    stated = {"search": stage.provenance.search, "stated_in_recipe": True} if stage.provenance else None
+    return StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge", origin=stated)
 
 
 @contextmanager
