@@ -274,6 +274,16 @@ def test_a_general_term_needs_a_readable_general_text(settings, store, search_in
         check_recipe(recipe, settings, store, default_name="r")
     assert [p.loc for p in caught.value.problems] == ["stages[0].search.general_text"]
 
+
+def test_a_stated_provenance_is_a_search_record_and_nothing_else(settings, store, search_inputs):
+    """A recipe may state the search that found its merge; it may not plant other origin keys (a Hub id, say)."""
+    merge = {"merge_method": "linear", "models": [{"model": "llama-ft1", "parameters": {"weight": 0.5}},
+                                                  {"model": "llama-ft2", "parameters": {"weight": 0.5}}]}
+    for provenance, locs in (({"search": {}, "hub_id": "acme/x"}, {"hub_id"}), ({"hub_id": "acme/x"}, {"hub_id", "search"}), ({}, {"search"})):
+        with pytest.raises(RecipeError) as caught:
+            check_recipe({"stages": [{"name": "m", "merge": merge, "provenance": provenance}]}, settings, store, default_name="r")
+        assert {p.loc for p in caught.value.problems} == {f"stages[0].provenance.{loc}" for loc in locs}, provenance
+
 # --- the real fixtures ----------------------------------------------------------------------------------------
 
 FIXTURES = Path(os.environ.get("MERGER_FIXTURES", REPO.parent / "shared" / "fixtures"))
