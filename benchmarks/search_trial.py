@@ -44,6 +44,8 @@ def timed_steps(session, options: LearnOptions) -> list[float]:
 
     def progress(step, _total, _checkpoint):
         marks.append(time.perf_counter())
+        if len(marks) > 1:
+            print(f"learned step {step}: {marks[-1] - marks[-2]:.1f} s", flush=True)
 
     learn(session.mixture, session.train, session.choose, options, pad_id=session.pad_id, general=session.general_chunks,
           progress=progress)
@@ -84,6 +86,7 @@ def main() -> None:
         started = time.perf_counter()
         score(session.mixture.model, session.choose, len(TASKS), pad_id=session.pad_id)
         passes.append(time.perf_counter() - started)
+        print(f"scoring pass over {len(session.choose)} examples: {passes[-1]:.1f} s", flush=True)
     results["scoring_pass_seconds"] = summary(passes)
 
     options = LearnOptions(steps=args.steps, examples_per_step=args.examples, check_every=args.steps + 1, minutes=60)
