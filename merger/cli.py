@@ -574,11 +574,13 @@ def search(
     """Run a recipe with search stages; print each search's test-line table and write the recipe it found.
 
     The found recipe is RECIPE with every search stage replaced by the merge stage the search wrote:
-    `merger run` of it makes the same models without searching.
+    `merger run` of it makes the same models without searching. Beside it, RECIPE's name + .search.svg:
+    the picture of the search (objective and each task's accuracy over the steps).
     """
     import yaml
 
     from merger.orchestrator import final_model, load_and_check, run_recipe
+    from merger.search.picture import record_svg
 
     settings, store = _context()
     parsed = load_and_check(recipe, settings, store)
@@ -587,14 +589,22 @@ def search(
     with _stage_progress(as_json) as report:
         results = run_recipe(parsed, settings, store, force=force, report=report)
     made = {r.stage: r.model for r in results if r.model is not None}
-    found = [made[s.name].recipe if s.kind == "search" else s.model_dump(mode="json") for s in parsed.stages]
+    records = {s.name: (made[s.name].origin or {}).get("search") for s in parsed.stages if s.kind == "search"}
+    found = [made[s.name].recipe | ({"provenance": {"search": records[s.name]}} if records[s.name] else {}) if s.kind == "search"
+             else s.model_dump(mode="json") for s in parsed.stages]
     target = out_path or recipe.with_name(f"{recipe.stem}.found.yaml")
     target.write_text(yaml.safe_dump({"stages": found}, sort_keys=False), encoding="utf-8")
-    records = {s.name: (made[s.name].origin or {}).get("search") for s in parsed.stages if s.kind == "search"}
+    pictures = {}
+    for name, record in records.items():
+        if record is not None:
+            suffix = ".search.svg" if len(records) == 1 else f".{name}.search.svg"
+            pictures[name] = target.with_name(f"{recipe.stem}{suffix}")
+            pictures[name].write_text(record_svg(record, f"{name}: {made[name].id[:12]}"), encoding="utf-8")
     final = final_model(results)
     if as_json:
         print(json.dumps({"id": final.id if final else None, "found_recipe": str(target),
-                          "searches": {name: {"id": made[name].id, "record": record} for name, record in records.items()}}, indent=2))
+                          "searches": {name: {"id": made[name].id, "record": record, "picture": str(pictures[name]) if name in pictures else None}
+                                       for name, record in records.items()}}, indent=2))
         return
     for name, record in records.items():
         if record is None:
@@ -604,14 +614,18 @@ def search(
         table.add_column("model")
         for task in record["tasks"]:
             table.add_column(task.rsplit("/", 1)[-1], justify="right")
+        general = record.get("general_text")
+        if general:
+            table.add_column(f"{general.rsplit('/', 1)[-1]} perplexity", justify="right")
         for row in record["test_table"]:
-            table.add_row(row["model"], *(f"{v:.2f}" for v in row["test"]))
+            table.add_row(row["model"], *(f"{v:.2f}" for v in row["test"]), *([f"{row['perplexity']:.4g}"] if general else []))
         _print_table(err, table)
         kept = ", ".join("n/a" if k is None else f"{k:.2f}" for k in record["kept"])
         done = f"{record['trials']} trials" if "trials" in record else f"{record['steps']} steps"
         best = f"trial {record['best_trial']}" if "trials" in record else f"step {record['best_step']}"
         err.print(f"{name}: {made[name].id}; {done} in {record['seconds'] / 60:.1f} min (best at {best}); "
                   f"found / best parent on test lines: {kept}", markup=False)
+        err.print(f"{name}: picture of the search: {pictures[name]}", markup=False)
     err.print(f"found recipe: {target}", markup=False)
     if final:
         print(final.id)

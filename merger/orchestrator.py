@@ -225,7 +225,7 @@ def _plans(recipe: Recipe, settings: Settings, store: Store, viewer: str | None,
 
 def _cache_key(plan: StagePlan, inputs: list[ModelRow], versions: dict) -> str:
     """Same stage recipe, same input content, same software: same output."""
-    stage = plan.stage.model_dump(mode="json")
+    stage = plan.stage.lineage_form()
     return digest_json({"stage": stage, "inputs": [[i.loc, i.role, m.id] for i, m in zip(plan.inputs, inputs, strict=True)], "versions": versions})
 
 
@@ -247,7 +247,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
 
     with store.staging() as work:
         out_dir, output = _build(plan, inputs, versions, store, work, report, should_cancel)
-        normalized = (output.made_by or stage).model_dump(mode="json")
+        normalized = (output.made_by or stage).lineage_form()
         model, created = store.publish(
             out_dir,
             name=stage.name,
@@ -276,7 +276,7 @@ def _build(plan: StagePlan, inputs: list[ModelRow], versions: dict, store: Store
     with _engine_errors(stage):
         output = runner.run(plan, [store.path_of(m) for m in inputs], out_dir, work, report, should_cancel)
     made_by = output.made_by or stage
-    normalized = made_by.model_dump(mode="json")
+    normalized = made_by.lineage_form()
     card_inputs = [CardInput(inp.role, inp.source.label, m.id, inp.weight) for inp, m in zip(plan.inputs, inputs, strict=True)]
     card = render_card(name=stage.name, relation=output.card_relation, summary=STAGE_RUNNERS[made_by.kind].summary(made_by), inputs=card_inputs,
                        recipe=normalized, recipe_digest=digest_json(normalized), versions=versions, library=output.library)

@@ -44,6 +44,14 @@ class _Stage(_Strict):
         """Checks beyond the pydantic model's own (which is strict already): none by default."""
         return []
 
+    def lineage_form(self) -> dict[str, Any]:
+        """The stage as its cache key, card and lineage recipe know it: what makes the files."""
+        return self.model_dump(mode="json")
+
+
+class Provenance(_Strict):
+    search: dict[str, Any] = Field(description="The record of the search that found this merge, as `merger search` writes it")
+
 
 class MergeStage(_Stage):
     """A mergekit merge; ``merge`` is any mergekit config (models, slices or modules)."""
@@ -52,7 +60,12 @@ class MergeStage(_Stage):
     name: str = Field(pattern=NAME_PATTERN, description="Stage name; later stages and the store refer to it")
     merge: dict[str, Any] = Field(description="A mergekit merge configuration, unchanged")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION + ", for randomized methods (dare_*, della, breadcrumbs)")
+    provenance: Provenance | None = Field(default=None, description="Where this merge came from, as the recipe states it (a found "
+                                          "recipe's search record); recorded as the model's origin, not part of its files or cache key")
     _config: Any = PrivateAttr(default=None)  # the MergeConfiguration
+
+    def lineage_form(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"provenance"})
 
     @property
     def config(self) -> "MergeConfiguration":
@@ -200,6 +213,8 @@ class LearnedSearch(_Strict):
     learning_rate: float = Field(default=0.05, gt=0, le=10, description="Adam's learning rate for the coefficients")
     check_every: int = Field(default=5, gt=0, description="Score the candidate on the choosing lines every this many steps")
     choose_fraction: float = Field(default=0.25, ge=0, lt=1, description="Share of each task's search lines held out of training to choose the best step")
+    general_weight: float = Field(default=0.0, ge=0, le=100, description="Weight of a next-token loss on general_text (one chunk per step) in the training loss; 0: off")
+    general_tokens: int = Field(default=128, ge=8, le=4096, description="Tokens per chunk of general_text for that loss")
 
 
 VARIED = ("weight", "density", "t", "lambda")  # the merge parameters a black-box search can vary
@@ -235,12 +250,15 @@ class SearchSpec(_Strict):
     budget: SearchBudget = Field(default_factory=SearchBudget)
     out_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(default=None, description="learned: the result's dtype; default: the base's (blackbox: the merge's out_dtype)")
     allow_other_base: bool = Field(default=False, description="learned: accept adapters whose adapter_config names another base model")
+    general_text: str | None = Field(default=None, description="A UTF-8 text file under the model roots: the test-line table gains its perplexity (first 8 windows of 512 tokens, never trained on)")
 
     @model_validator(mode="after")
     def _test_lines_parse(self):
         from merger.search.split import parse_lines
 
         parse_lines(self.test_lines)  # raises ValueError with the reason
+        if self.learned.general_weight > 0 and self.general_text is None:
+            raise ValueError("learned.general_weight > 0 needs general_text")
         return self
 
     @model_validator(mode="after")
@@ -255,6 +273,8 @@ class SearchSpec(_Strict):
                 raise ValueError("the blackbox searcher needs merge (the starting merge) and vary (what to search)")
             if self.base is not None or self.adapters:
                 raise ValueError("base and adapters are the learned searcher's; name the models in merge")
+            if self.general_text is not None:
+                raise ValueError("general_text is the learned searcher's (the blackbox searcher does not measure it yet)")
         for name, (low, high) in self.vary.items():
             if not low <= high:
                 raise ValueError(f"vary.{name}: the low bound {low} is above the high bound {high}")

@@ -42,7 +42,7 @@ def auth(world, user: str = "alice") -> dict[str, str]:
 def test_every_operation_answers_as_documented(api_schema, live):
     failures, sent = {}, []
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) == 21  # 15 /v1 operations and 6 of the Hub protocol (GET and HEAD apart)
+    assert len(operations) == 23  # 17 /v1 operations and 6 of the Hub protocol (GET and HEAD apart)
     for operation in operations:
         for mode in GenerationMode:
             @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
@@ -68,6 +68,7 @@ def test_real_models_and_jobs_answer_as_documented(api_schema, live):
     calls = [
         ("/v1/models/{model_id}", "GET", {"model_id": model}, {}, {}),
         ("/v1/models/{model_id}/evals", "GET", {"model_id": model}, {}, {}),
+        *[(f"/v1/models/{{model_id}}/{route}", "GET", {"model_id": model}, {}, {}) for route in ("search", "search.svg")],  # no search made it: 404
         ("/v1/models/{model_id}/archive", "GET", {"model_id": live.unicode_model}, {}, {}),
         *[("/v1/models/{model_id}/lineage", "GET", {"model_id": model}, {"format": fmt}, {}) for fmt in ("json", "mermaid", "dot")],
         ("/v1/models/{model_id}/lineage", "GET", {"model_id": model}, {"direction": "descendants", "to": model}, {}),

@@ -18,6 +18,8 @@ import merger.stages.search as search_stage
 from merger.errors import RecipeError
 from merger.orchestrator import check_recipe, rebuild, run_recipe
 from merger.search.split import parse_lines
+from merger.settings import Settings
+from merger.store import Store
 from tests.tiny_models import make_lora
 
 TEST_LINES = "1-6"
@@ -116,13 +118,16 @@ def test_written_recipe_rebuilds_the_result_byte_for_byte(settings, store, searc
     assert searched.exit_code == 0, searched.output
     model = store.resolve(searched.stdout.strip().splitlines()[-1])
     assert "test lines 1-6" in searched.stderr and "found / best parent" in searched.stderr
+    picture = tmp_path / "searching.search.svg"
+    assert f"picture of the search: {picture}" in searched.stderr and picture.read_text().startswith("<svg")
     cached = CliRunner().invoke(app, ["search", str(recipe), "--json", "--out", str(tmp_path / "again.yaml")])
     assert cached.exit_code == 0, cached.output
     report = json.loads(cached.stdout)
     assert report["id"] == model.id and report["searches"]["searched"]["record"]["test_lines"] == TEST_LINES
     found = load_recipe_file(tmp_path / "searching.found.yaml", max_bytes=settings.max_recipe_bytes)
     assert load_recipe_file(tmp_path / "again.yaml", max_bytes=settings.max_recipe_bytes) == found
-    assert found == {"stages": [model.recipe]}
+    [stated] = found["stages"]
+    assert stated.pop("provenance") == {"search": model.origin["search"]} and stated == model.recipe
     written = model.recipe
     assert written["merge"]["merge_method"] == "task_arithmetic" and "search" not in written
 
@@ -130,6 +135,10 @@ def test_written_recipe_rebuilds_the_result_byte_for_byte(settings, store, searc
     differing = {f.path for f in model.files} ^ {f.path for f in again.model.files} | {
         f.path for f in model.files for g in again.model.files if f.path == g.path and f.sha256 != g.sha256}
     assert not again.cache_hit and again.model.id == model.id, differing
+    assert again.model.origin == model.origin  # stored already: its record stays the one the search measured
+    elsewhere = Settings(home=tmp_path / "elsewhere", model_roots=settings.model_roots, database_url=None)
+    [there] = run(load_recipe_file(tmp_path / "searching.found.yaml", max_bytes=settings.max_recipe_bytes), elsewhere, Store(elsewhere))
+    assert there.model.id == model.id and there.model.origin == {"search": model.origin["search"], "stated_in_recipe": True}
     values = {c["value"] for m in written["merge"]["models"] for c in m["parameters"]["weight"]}
     assert len(values) > 2  # learned per module, not the starting 0.5 / 1.0
     assert rebuild(model, settings, store).identical
@@ -200,6 +209,81 @@ def test_bad_search_recipes_name_every_problem(settings, store, search_inputs):
     assert [p.loc for p in caught.value.problems] == ["stages[0].search"]
 
 
+
+@pytest.fixture(scope="module")
+def general_text(search_inputs):
+    """A general text for the tiny models: 3,000 words of their vocabulary, so 8 measured windows and more after them."""
+    rng = random.Random(1)
+    path = search_inputs / "general.txt"
+    path.write_text(" ".join(f"w{rng.randrange(4, 64)}" for _ in range(3000)) + "\n")
+    return path
+
+
+def general_recipe(weight: float) -> dict:
+    recipe = search_recipe()
+    recipe["stages"][0]["search"]["general_text"] = "general.txt"
+    recipe["stages"][0]["search"]["learned"] |= {"general_weight": weight, "general_tokens": 32}
+    return recipe
+
+
+def test_the_test_table_gains_the_general_texts_perplexity(settings, store, general_text):
+    from merger.evaluation.metrics import perplexity
+    from merger.evaluation.runtimes import Transformers
+
+    [result] = run(general_recipe(0.0), settings, store)
+    rows = result.model.origin["search"]["test_table"]
+    lm = Transformers().load(store.path_of(result.model), dtype="float32")
+    stored = perplexity(lm, general_text.read_text(), window=512, limit=8, batch_size=1, step=lambda *_: None).values
+    assert stored["windows"] == 8 and rows[-1]["perplexity"] == pytest.approx(stored["perplexity"])
+    assert all(row["perplexity"] > 1 for row in rows) and len({round(row["perplexity"], 6) for row in rows}) == len(rows)
+
+
+def test_the_general_term_trains_only_on_the_text_after_the_measured_windows(settings, store, general_text, monkeypatch):
+    from transformers import AutoTokenizer
+
+    trained, text_nll = [], learned.text_nll
+
+    def recording(model, chunks):
+        trained.extend(chunks)
+        return text_nll(model, chunks)
+
+    monkeypatch.setattr(learned, "text_nll", recording)
+    [without] = run(general_recipe(0.0), settings, store)
+    assert not trained
+    [weighted] = run(general_recipe(5.0), settings, store)
+    assert len(trained) == 4  # one chunk a step
+    assert weighted.model.id != without.model.id
+
+    tokenizer = AutoTokenizer.from_pretrained(general_text.parent / "llama-base")
+    bos = len(tokenizer("w5").input_ids) - len(tokenizer("w5", add_special_tokens=False).input_ids)
+    ids = tokenizer(general_text.read_text(), add_special_tokens=False).input_ids
+    measured, body = 8 * (128 - bos), 32 - bos  # 8 windows of the tiny models' 128-token context; chunks of 32
+    starts = {tuple(ids[i: i + body]): i for i in range(0, len(ids) - body + 1, body)}
+    for chunk in trained:
+        assert len(chunk) == 32 and starts[tuple(chunk[bos:])] >= measured
+
+
+def test_a_general_term_needs_a_readable_general_text(settings, store, search_inputs):
+    recipe = search_recipe()
+    recipe["stages"][0]["search"]["learned"]["general_weight"] = 1.0
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(recipe, settings, store, default_name="r")
+    assert [(p.loc, "needs general_text" in p.msg) for p in caught.value.problems] == [("stages[0].search", True)]
+    recipe["stages"][0]["search"]["general_text"] = "missing.txt"
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(recipe, settings, store, default_name="r")
+    assert [p.loc for p in caught.value.problems] == ["stages[0].search.general_text"]
+
+
+def test_a_stated_provenance_is_a_search_record_and_nothing_else(settings, store, search_inputs):
+    """A recipe may state the search that found its merge; it may not plant other origin keys (a Hub id, say)."""
+    merge = {"merge_method": "linear", "models": [{"model": "llama-ft1", "parameters": {"weight": 0.5}},
+                                                  {"model": "llama-ft2", "parameters": {"weight": 0.5}}]}
+    for provenance, locs in (({"search": {}, "hub_id": "acme/x"}, {"hub_id"}), ({"hub_id": "acme/x"}, {"hub_id", "search"}), ({}, {"search"})):
+        with pytest.raises(RecipeError) as caught:
+            check_recipe({"stages": [{"name": "m", "merge": merge, "provenance": provenance}]}, settings, store, default_name="r")
+        assert {p.loc for p in caught.value.problems} == {f"stages[0].provenance.{loc}" for loc in locs}, provenance
+
 # --- the real fixtures ----------------------------------------------------------------------------------------
 
 FIXTURES = Path(os.environ.get("MERGER_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -209,9 +293,6 @@ GEMMA_HOME = os.environ.get("MERGER_HOME")  # read before the fixtures point MER
 def _stored_gemma():
     if not GEMMA_HOME or not (FIXTURES / "adapters" / "json").is_dir():
         return None
-    from merger.settings import Settings
-    from merger.store import Store
-
     home = Store(Settings(home=GEMMA_HOME))
     model = home.find("gemma-3-270m", stored_only=True)
     return (model, home.path_of(model)) if model else None
@@ -226,9 +307,6 @@ def test_search_keeps_both_fixture_skills_on_lines_it_never_saw(tmp_path, monkey
     gemma, gemma_dir = found
     monkeypatch.setenv("MERGER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MERGER_MODEL_ROOTS", str(FIXTURES))
-    from merger.settings import Settings
-    from merger.store import Store
-
     settings = Settings()
     store = Store(settings)
     with store.staging() as staged:  # the same bytes, under the name and Hub id the adapters were made for

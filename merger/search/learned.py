@@ -1,7 +1,8 @@
 """The learned-coefficients searcher: gradient descent on one coefficient per (adapter, LoRA module).
 
 The loss is the answer negative log-likelihood on the search's training lines (each step draws the same
-number of examples from every task). A step that would end past ``minutes`` (judged by the last one) is not
+number of examples from every task), plus, with ``general_weight`` > 0, that weight times the next-token
+negative log-likelihood on one chunk of a general text per step (chunks taken in a seeded order). A step that would end past ``minutes`` (judged by the last one) is not
 started. Every ``check_every`` steps, and at the start and the end, the candidate is scored on the search's
 choosing lines; the best candidate by the objective is the result.
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from merger.search.general import text_nll
 from merger.search.lora_mix import LoraMixture
 from merger.search.scoring import Encoded, TaskScore, answer_nll, make_batch, score
 
@@ -30,6 +32,7 @@ class LearnOptions:
     check_every: int = 5
     score_batch: int = 16
     seed: int = 0
+    general_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class LearnResult:
 Progress = Callable[[int, int, Checkpoint | None], None]  # (step, total steps, latest checkpoint)
 
 
+OBJECTIVE_NAMES = ("worst task, relative exact match", "mean relative exact match", "mean answer log-likelihood")
+
+
 def objective(scores: list[TaskScore], reference: list[float]) -> tuple[float, float, float]:
     """(worst relative exact match, mean relative exact match, mean log-likelihood); larger is better."""
     relative = [min(1.0, s.exact / r) if r > 0 else 1.0 for s, r in zip(scores, reference, strict=True)]
@@ -62,8 +68,12 @@ def objective(scores: list[TaskScore], reference: list[float]) -> tuple[float, f
 
 
 def learn(mixture: LoraMixture, train: list[list[Encoded]], choose: list[Encoded], options: LearnOptions, *,
-          pad_id: int = 0, progress: Progress = lambda *_: None, should_stop: Callable[[], bool] = lambda: False) -> LearnResult:
-    """``train[t]``: task t's training examples; ``choose``: every task's choosing examples."""
+          pad_id: int = 0, general: list[list[int]] = (), progress: Progress = lambda *_: None,
+          should_stop: Callable[[], bool] = lambda: False) -> LearnResult:
+    """``train[t]``: task t's training examples; ``choose``: every task's choosing examples; ``general``: chunks of
+    a general text (token ids) for the ``general_weight`` term."""
+    if options.general_weight > 0 and not general:
+        raise ValueError("a general-text term needs chunks of the text to train on")
     started = time.monotonic()
     tasks = len(train)
     start_values = mixture.coefficients.detach().clone()
@@ -89,6 +99,7 @@ def learn(mixture: LoraMixture, train: list[list[Encoded]], choose: list[Encoded
     best, best_values, history = start, start_values, [start]
     progress(0, options.steps, start)
     draw = _Sampler(train, options.seed)
+    general_order = random.Random(options.seed).sample(list(general), len(general)) if options.general_weight > 0 else []
     optimizer = torch.optim.Adam([mixture.coefficients], lr=options.learning_rate)
     step, last_step_seconds = 0, 0.0
     while step < options.steps and not should_stop():
@@ -106,6 +117,10 @@ def learn(mixture: LoraMixture, train: list[list[Encoded]], choose: list[Encoded
                 part = answer_nll(mixture.model, make_batch(group, pad_id)) * (len(group) / len(drawn))
                 part.backward()
                 loss += float(part.detach())
+        if general_order:
+            part = text_nll(mixture.model, [general_order[(step - 1) % len(general_order)]]) * options.general_weight
+            part.backward()
+            loss += float(part.detach())
         optimizer.step()
         latest = None
         if step % options.check_every == 0 or step == options.steps:

@@ -17,6 +17,7 @@ from merger.errors import MergerError, Problem, RecipeError
 from merger.orchestrator import check_recipe
 from merger.registry import register
 from merger.safe_yaml import load_recipe_text
+from merger.search.picture import record_svg
 from merger.service import lookups
 from merger.service.deps import Service, ServiceDep, UserDep
 from merger.service.downloads import archive_response, file_response
@@ -226,6 +227,19 @@ def _routes(app: FastAPI) -> None:
         """Every stored evaluation of the model, oldest first."""
         model = visible_model(svc, model_id, user)
         return [EvaluationOut.of(row) for row in svc.store.evaluations(model.id)]
+
+    @app.get("/v1/models/{model_id}/search", response_model=dict[str, Any], responses=errors(401, 404))
+    def get_search(model_id: str, svc: ServiceDep, user: UserDep):
+        """The record of the search that made the model (docs/recipes.md#search); 404 for a model no search made."""
+        return lookups.search_record(visible_model(svc, model_id, user), model_id)
+
+    @app.get("/v1/models/{model_id}/search.svg", response_class=Response,
+             responses={200: {"description": "The picture of the search: objective and each task's accuracy over its steps",
+                              "content": {"image/svg+xml": TEXT}}, **errors(401, 404)})
+    def get_search_picture(model_id: str, svc: ServiceDep, user: UserDep):
+        model = visible_model(svc, model_id, user)
+        svg = record_svg(lookups.search_record(model, model_id), f"{model.name or model.id[:12]}: {model.id[:12]}")
+        return Response(svg, media_type="image/svg+xml")
 
     @app.get("/v1/models/{model_id}/files/{path:path}", response_class=Response, responses={**file_responses(), **errors(401, 404)})
     @app.head("/v1/models/{model_id}/files/{path:path}", response_class=Response, responses={**file_responses(), **errors(401, 404)})

@@ -50,3 +50,10 @@ def own_job(svc: Service, job_id: str, user: str) -> JobRow:
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
     return job
+
+
+def search_record(model: ModelRow, model_id: str) -> dict:
+    record = (model.origin or {}).get("search")
+    if not isinstance(record, dict):
+        raise HTTPException(404, f"model {model_id} was not made by a search")
+    return record

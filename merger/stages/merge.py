@@ -138,7 +138,8 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     """Run the merge into ``out_dir``; ``dirs[i]`` is the directory of ``plan.inputs[i]``: merger's engine
     when it reproduces the config exactly, mergekit otherwise."""
     stage: MergeStage = plan.stage
-    output = StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge")
+    stated = {"search": stage.provenance.search, "stated_in_recipe": True} if stage.provenance else None
+    output = StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge", origin=stated)
     if (native := _engine_plan(plan, dirs)) is not None:
         _run_engine(native, stage, out_dir, report, should_cancel)
         return output

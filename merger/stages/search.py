@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from merger.errors import Cancelled, Problem, format_loc
-from merger.evaluation.datasets import DataError, Generation
+from merger.evaluation.datasets import DataError, Generation, read_text
 from merger.evaluation.metrics import generation_accuracy
 from merger.evaluation.runtimes import Transformers
 from merger.planning import PlanContext, StageOutput, StagePlan
@@ -48,6 +48,7 @@ def plan(stage: SearchStage, loc: tuple, context: PlanContext) -> tuple[StagePla
                                                                 allow_other_base=spec.allow_other_base))
     checked, adapter_problems = adapters_stage.plan(folded, loc, context)  # base and adapters, with this stage's field paths
     problems = adapter_problems + problems
+    general = _general_text(stage, loc, context, problems)
     if checked is None or problems:
         return None, problems
     out_dtype = spec.out_dtype or _dtype_of(checked.output_info)
@@ -55,7 +56,8 @@ def plan(stage: SearchStage, loc: tuple, context: PlanContext) -> tuple[StagePla
     merged, merge_problems = merge_stage.plan(template, loc, context)
     if merged is None or merge_problems:
         return None, merge_problems or [Problem(format_loc(loc), "the merge this search writes does not plan")]
-    return StagePlan(stage, merged.inputs, merged.output_info, {"merge": merged.details, "tasks": tasks, "out_dtype": out_dtype}), []
+    return StagePlan(stage, merged.inputs, merged.output_info, {"merge": merged.details, "tasks": tasks, "general": general,
+                                                                      "out_dtype": out_dtype}), []
 
 
 def _task_files(stage: SearchStage, loc: tuple, context: PlanContext, problems: list[Problem]) -> list[tuple[Path, str]]:
@@ -71,6 +73,19 @@ def _task_files(stage: SearchStage, loc: tuple, context: PlanContext, problems: 
         except (DataError, UnresolvedReference) as exc:
             problems.append(Problem(format_loc(loc + ("tasks", j)), str(exc)))
     return tasks
+
+
+def _general_text(stage: SearchStage, loc: tuple, context: PlanContext, problems: list[Problem]) -> tuple[Path, str] | None:
+    """The general text (perplexity column, optional training term), resolved under the model roots and readable."""
+    if stage.search.general_text is None:
+        return None
+    try:
+        path = context.resolver.data_file(stage.search.general_text)
+        read_text(path)
+        return path, stage.search.general_text
+    except (DataError, UnresolvedReference) as exc:
+        problems.append(Problem(format_loc(loc + ("general_text",)), str(exc)))
+        return None
 
 
 def _dtype_of(info) -> str | None:
@@ -97,7 +112,7 @@ def written_stage(stage: SearchStage, coefficients: list[dict[str, float]], out_
 
 
 def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report: Reporter, should_cancel: CancelCheck) -> StageOutput:
-    from merger.search.learned import LearnOptions, learn
+    from merger.search.learned import OBJECTIVE_NAMES, LearnOptions, learn
     from merger.search.session import open_session
     from merger.search.split import parse_lines
 
@@ -111,39 +126,47 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     base_dir = dirs[next(slot.model_input for slot in slots if slot.adapter_input is None)]
     adapter_dirs = [dirs[slot.adapter_input] for slot in slots if slot.adapter_input is not None]  # in recipe order
     session = open_session(base_dir, adapter_dirs, plan.details["tasks"], parse_lines(spec.test_lines),
-                           [a.weight for a in spec.adapters], choose_fraction=spec.learned.choose_fraction, seed=stage.seed)
+                           [a.weight for a in spec.adapters], choose_fraction=spec.learned.choose_fraction, seed=stage.seed,
+                           general=plan.details["general"], general_tokens=spec.learned.general_tokens if spec.learned.general_weight else 0)
     options = LearnOptions(steps=spec.budget.steps, examples_per_step=spec.learned.examples_per_step,
                            learning_rate=spec.learned.learning_rate, minutes=spec.budget.minutes,
-                           check_every=spec.learned.check_every, seed=stage.seed)
+                           check_every=spec.learned.check_every, seed=stage.seed, general_weight=spec.learned.general_weight)
 
     def progress(step: int, total: int, _checkpoint) -> None:
         report(ProgressEvent(stage.name, "progress", step, total, unit="steps"))
 
-    result = learn(session.mixture, session.train, session.choose, options, pad_id=session.pad_id, progress=progress,
-                   should_stop=should_cancel)
+    result = learn(session.mixture, session.train, session.choose, options, pad_id=session.pad_id, general=session.general_chunks,
+                   progress=progress, should_stop=should_cancel)
     if should_cancel():
         raise Cancelled(f"stage {stage.name} cancelled")
     alone = [session.mixture.uniform([float(i == a) for i in range(len(spec.adapters))]) for a in range(len(spec.adapters))]
-    rows = [{"model": f"{spec.base} + {a.path}", "test": session.test_accuracy(values)} for a, values in zip(spec.adapters, alone, strict=True)]
-    rows.append({"model": "start", "test": session.test_accuracy(session.mixture.uniform([a.weight for a in spec.adapters]))})
-    coefficients = session.mixture.per_adapter(result.coefficients)
+    labelled = [*((f"{spec.base} + {a.path}", values) for a, values in zip(spec.adapters, alone, strict=True)),
+                ("start", session.mixture.uniform([a.weight for a in spec.adapters]))]
+    rows = [{"model": label, "test": session.test_accuracy(values)} | _perplexity(session.general_perplexity(values)) for label, values in labelled]
+    coefficients, general = session.mixture.per_adapter(result.coefficients), session.general
     del session
 
     written = written_stage(stage, coefficients, plan.details["out_dtype"])
     merge_stage.run(StagePlan(written, plan.inputs, plan.output_info, plan.details["merge"]), dirs, out_dir, work_dir, report, should_cancel)
-    rows.append({"model": "found", "test": stored_test_accuracy(out_dir, plan.details["tasks"], parse_lines(spec.test_lines))})
+    found = Transformers().load(out_dir, dtype="float32")
+    rows.append({"model": "found", "test": test_accuracy(found, plan.details["tasks"], parse_lines(spec.test_lines))}
+                | _perplexity(general.perplexity(found) if general else None))
     parents = [max(row["test"][t] for row in rows[: len(spec.adapters)]) for t in range(len(spec.tasks))]
     record = {
         "searcher": spec.searcher,
         "objective": "worst task's exact match relative to the best parent, then the mean, then the answer log-likelihood (choosing lines)",
         "tasks": spec.tasks,
         "test_lines": spec.test_lines,
+        "general_text": spec.general_text,
+        "general_weight": spec.learned.general_weight,
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "best_step": result.best.step,
         "choosing_scores": {"start": scores_record(result.start.scores), "best": scores_record(result.best.scores),
                             "parents": [scores_record(p) for p in result.parents]},
-        "history": [{"step": c.step, "loss": c.loss, "objective": list(c.objective)} for c in result.history],
+        "objective_names": list(OBJECTIVE_NAMES),
+        "history": [{"step": c.step, "loss": c.loss, "objective": list(c.objective), "exact": [s.exact for s in c.scores]}
+                    for c in result.history],
         "test_table": rows,
         "kept": [f / p if p else None for f, p in zip(rows[-1]["test"], parents, strict=True)],
         "objective_at_best": list(result.best.objective),
@@ -156,11 +179,20 @@ def scores_record(scores) -> list[dict]:
     return [{"exact": s.exact, "loglik": s.loglik, "examples": s.examples} for s in scores]
 
 
+def _perplexity(value: float | None) -> dict:
+    """A test-table row's perplexity on the general text (measured windows only), when the search names one."""
+    return {} if value is None else {"perplexity": value}
+
+
 def stored_test_accuracy(model_dir: Path, tasks: list[tuple[Path, str]], test_lines: frozenset[int]) -> list[float]:
     """Greedy accuracy of the written merge, as stored, on each task's test lines."""
+    return test_accuracy(Transformers().load(model_dir, dtype="float32"), tasks, test_lines)
+
+
+def test_accuracy(lm, tasks: list[tuple[Path, str]], test_lines: frozenset[int]) -> list[float]:
+    """Greedy accuracy of a loaded model on each task's test lines."""
     from merger.search.split import split_task
 
-    lm = Transformers().load(model_dir, dtype="float32")
     out = []
     for path, label in tasks:
         examples: list[Generation] = [line.example for line in split_task(path, label, test_lines, choose_fraction=0, seed=0).test]
