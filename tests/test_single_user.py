@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -18,11 +19,17 @@ def run_locally(env: dict[str, str], path, weight: float) -> str:
     return json.loads(out.stdout)["id"]
 
 
+def server_env(home: Path, model_root: Path, **extra: str) -> dict[str, str]:
+    """A server's environment on its own store, jobs in SQLite; ``extra``: more settings."""
+    env = {**os.environ, "MERGER_HOME": str(home), "MERGER_MODEL_ROOTS": str(model_root), **extra}
+    for name in ("MERGER_DATABASE_URL", "MERGER_BROKER_URL", "MERGER_SINGLE_USER"):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
 def test_single_user_sees_and_owns_models_made_by_merger_run(tmp_path, model_root):
-    env = {**os.environ, "MERGER_HOME": str(tmp_path / "home"), "MERGER_MODEL_ROOTS": str(model_root),
-           "MERGER_SINGLE_USER": "true"}
-    for name in ("MERGER_DATABASE_URL", "MERGER_BROKER_URL"):
-        env.pop(name, None)
+    env = server_env(tmp_path / "home", model_root, MERGER_SINGLE_USER="true")
     before = run_locally(env, tmp_path / "before.yaml", 0.3)
     (tmp_path / "logs").mkdir()
     service = Service(env, tmp_path / "logs")

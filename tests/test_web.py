@@ -18,7 +18,7 @@ from merger.db import ModelRow
 from merger.settings import Settings
 from merger.store import Store
 from tests.service_harness import Service, wait_for
-from tests.test_single_user import run_locally
+from tests.test_single_user import run_locally, server_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium (/usr/bin/chromium) is not installed; "
@@ -67,14 +67,6 @@ def screenshots(tmp_path_factory) -> Path:
     path = Path(os.environ.get("MERGER_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def server_env(home: Path, model_root: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "MERGER_HOME": str(home), "MERGER_MODEL_ROOTS": str(model_root), **extra}
-    for name in ("MERGER_DATABASE_URL", "MERGER_BROKER_URL", "MERGER_SINGLE_USER"):
-        if name not in extra:
-            env.pop(name, None)
-    return env
 
 
 @pytest.fixture(scope="module")
