@@ -224,7 +224,8 @@ def bench(method: str, order: int, work: Path, models: Path) -> list[Row]:
             equal = same_gguf_tensors(peer_out, next(merger_out.glob("*.gguf")))
         else:
             equal = same_tensors(peer_out / "model.safetensors", merger_out / "model.safetensors")
-        console.print(f"  {label}: outputs equal: {'[green]yes' if equal else '[red]NO'}[/]")
+        console.print(f"  {label}: {mg.seconds:.1f} s, {mg.peak_rss_gb:.2f} GB; {peer}: {pr.seconds:.1f} s, {pr.peak_rss_gb:.2f} GB; "
+                      f"outputs equal: {'[green]yes' if equal else '[red]NO'}[/]")
         rows.append(Row(
             f"{method} ({label})", peer,
             round(pr.seconds, 2), round(mg.seconds, 2), round(mg.seconds / pr.seconds, 3),

@@ -57,6 +57,7 @@ def linear(tensors, base_index, shared, inputs) -> torch.Tensor:
     return result.to(packed[0].dtype)[0]
 
 
+COMBINE_ELEMENTS = 4 * 1024 * 1024  # per step of task arithmetic's elementwise part
 SLERP_CHUNK = 1024 * 1024  # mergekit's bound on full-precision scratch, in elements
 
 
@@ -111,9 +112,15 @@ class TaskArithmetic:
                     delta, params["density"], shared["rescale"], **{p.name: params[p.name] for p in self.extra})
             deltas[row] = delta
             del delta
-        weights = torch.tensor([p["weight"] for _, p in others], dtype=deltas.dtype)
-        while weights.dim() < deltas.dim():
-            weights.unsqueeze_(-1)
+        weights = torch.tensor([p["weight"] for _, p in others], dtype=deltas.dtype).unsqueeze(-1)
+        # the rest is elementwise (sums run over the models' axis): done on runs of elements to bound memory
+        flat, result = deltas.reshape(len(others), -1), torch.empty_like(base)
+        for part in range(0, base.numel(), COMBINE_ELEMENTS):
+            span = slice(part, part + COMBINE_ELEMENTS)
+            result.view(-1)[span] = self._combine(flat[:, span], base.reshape(-1)[span], weights, shared)
+        return result
+
+    def _combine(self, deltas: torch.Tensor, base: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:
         deltas.mul_(weights)
         if self.consensus:
             mask = _sign_consensus(deltas, torch.int8 if shared["int8_mask"] else base.dtype)

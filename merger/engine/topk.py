@@ -22,7 +22,8 @@ def argsort_mask(w: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (flat) of the k elements mergekit keeps of these flat, non-negative magnitudes."""
+    """Boolean mask (flat) of the k elements mergekit keeps of these flat, non-negative magnitudes, which it uses
+    as scratch space (their order is scrambled)."""
     n = magnitudes.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
@@ -30,11 +31,13 @@ def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
         return argsort_mask(magnitudes, k)
     from merger.engine.introsort import DEPTH_EXHAUSTED, mark, select  # numba compiles (or loads its cache) on first use
 
-    values = magnitudes.view(torch.int16).clone() if magnitudes.dtype in _AS_CODES else magnitudes.float().clone()
+    values = magnitudes.view(torch.int16) if magnitudes.dtype in _AS_CODES else magnitudes.float()
     index = torch.arange(n, dtype=torch.int32)
     first, last = select(values.numpy(), index.numpy(), k)
     if first == DEPTH_EXHAUSTED:
-        return argsort_mask(magnitudes, k)
+        restored = torch.empty_like(magnitudes)
+        restored[index.long()] = magnitudes
+        return argsort_mask(restored, k)
     mask = torch.zeros(n, dtype=torch.bool)
     mark(index.numpy(), 0, first, mask.numpy())
     # std::sort ends with an insertion sort, stable: ties keep their current order inside [first, last)
