@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import optuna
 import pytest
@@ -24,7 +23,7 @@ from merger.recipe import SearchStage
 from merger.search.split import parse_lines
 from tests.service_harness import BIN, wait_for
 from tests.test_mergekit_parity import SEED, mergekit_output, tensors
-from tests.test_search import one_thread, search_inputs  # noqa: F401 - fixtures
+from tests.test_search import one_thread, search_inputs  # noqa: F401 - fixtures (one_thread: autouse, one torch thread)
 from tests.tiny_models import write_yaml
 
 TEST_LINES = "1-6"
