@@ -2,8 +2,8 @@
 
 The loss is the answer negative log-likelihood on the search's training lines (each step draws the same
 number of examples from every task), plus, with ``general_weight`` > 0, that weight times the next-token
-negative log-likelihood on one chunk of a general text per step (chunks taken in a seeded order). A step that would end past ``minutes`` (judged by the last one) is not
-started. Every ``check_every`` steps, and at the start and the end, the candidate is scored on the search's
+negative log-likelihood on one chunk of a general text per step (chunks taken in a seeded order). A step
+that would end past ``minutes`` (judged by the last one) is not started. Every ``check_every`` steps, and at the start and the end, the candidate is scored on the search's
 choosing lines; the best candidate by the objective is the result.
 
 Objective: the worst task's exact-match rate relative to the best parent on that task (capped at 1), then
