@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+# two processes (pytest-xdist), a test file per process at a time: module-scoped servers stay in one process
+exec .venv/bin/python -m pytest -n "${MERGER_TEST_PROCESSES:-2}" --dist loadfile "$@"

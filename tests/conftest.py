@@ -32,7 +32,15 @@ def store(settings) -> Store:
 
 # --- the service ---------------------------------------------------------------------------------------------
 
-REDIS_URL = os.environ.get("MERGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+def _redis_url() -> str:
+    """MERGER_TEST_REDIS_URL (DB 11 by default); each pytest-xdist worker takes the next DB index."""
+    url = os.environ.get("MERGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base, _, db = url.rpartition("/")
+    return f"{base}/{int(db or 0) + int(worker.removeprefix('gw'))}"
+
+
+REDIS_URL = _redis_url()
 
 
 @pytest.fixture(scope="session")
