@@ -7,8 +7,9 @@ import logging
 import os
 import warnings
 
+# not celery or kombu: a worker's log (ready, received, succeeded) is the service's own record
 LIBRARIES = ("torch", "torchao", "transformers", "peft", "mergekit", "huggingface_hub", "datasets", "lm_eval",
-             "accelerate", "gguf", "httpx", "optuna", "celery", "kombu")
+             "accelerate", "gguf", "httpx", "optuna")
 
 
 def silence_libraries() -> None:
