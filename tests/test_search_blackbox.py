@@ -275,4 +275,5 @@ def test_merger_search_prints_the_table_and_writes_the_found_recipe(settings, st
     model = store.resolve(searched.stdout.strip().splitlines()[-1])
     assert "test lines 1-6" in searched.stderr and "2 trials" in searched.stderr and "found / best parent" in searched.stderr
     found = load_recipe_file(tmp_path / "searching.found.yaml", max_bytes=settings.max_recipe_bytes)
+    assert found["stages"][0].pop("provenance") == {"search": model.origin["search"]}  # stated, outside the recipe digest
     assert found == {"stages": [model.recipe]} and "merge" in model.recipe
