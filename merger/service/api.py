@@ -1,6 +1,7 @@
 """The HTTP API, versioned under /v1. OpenAPI at /docs and /openapi.json."""
 
 import asyncio
+import importlib
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -67,6 +68,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # a server checks merge recipes with mergekit's config model: import it (seconds) at start, not in the
+        # first request (the CLI imports it only when a recipe has a merge stage)
+        await asyncio.to_thread(importlib.import_module, "mergekit.config")
         reaper = asyncio.create_task(_reap_forever(svc))
         yield
         reaper.cancel()
