@@ -273,8 +273,6 @@ class SearchSpec(_Strict):
                 raise ValueError("the blackbox searcher needs merge (the starting merge) and vary (what to search)")
             if self.base is not None or self.adapters:
                 raise ValueError("base and adapters are the learned searcher's; name the models in merge")
-            if self.general_text is not None:
-                raise ValueError("general_text is the learned searcher's (the blackbox searcher does not measure it yet)")
         for name, (low, high) in self.vary.items():
             if not low <= high:
                 raise ValueError(f"vary.{name}: the low bound {low} is above the high bound {high}")

@@ -101,7 +101,7 @@ def test_test_lines_are_never_scored_during_the_search(settings, store, search_i
     assert generated and not any(during for during, _ in generated)  # greedy checks only after the search
     assert {p for _, prompts in generated for p in prompts} == test_prompts
     record = result.model.origin["search"]
-    assert [row["model"] for row in record["test_table"]] == ["llama-base + search-llama-lora-a", "llama-base + search-llama-lora-b", "start", "found"]
+    assert [row["model"] for row in record["test_table"]] == ["llama-base", "llama-base + search-llama-lora-a", "llama-base + search-llama-lora-b", "start", "found"]
     assert record["steps"] == 4 and [c["step"] for c in record["history"]] == [0, 2, 4]
 
 

@@ -23,7 +23,7 @@ from merger.recipe import SearchStage
 from merger.search.split import parse_lines
 from tests.service_harness import BIN, wait_for
 from tests.test_mergekit_parity import SEED, mergekit_output, tensors
-from tests.test_search import one_thread, search_inputs  # noqa: F401 - fixtures (one_thread: autouse, one torch thread)
+from tests.test_search import general_text, one_thread, search_inputs  # noqa: F401 - fixtures (one_thread: autouse, one torch thread)
 from tests.tiny_models import write_yaml
 
 TEST_LINES = "1-6"
@@ -115,7 +115,7 @@ def test_test_lines_are_never_scored_and_every_trial_is_reported(settings, store
     assert record["history"][0]["state"] == "complete"  # the recipe's own values, scored on every line
     assert record["history"][0]["params"] == {k: (0.5 if k.startswith("density") else 0.5 if "[1]" in k else 1.0) for k in record["knobs"]}
     assert {h["examples"] for h in record["history"]} <= {6, 20}  # 3 first lines per task, or all 10 per task
-    assert [row["model"] for row in record["test_table"]] == ["llama-ft1", "llama-base+search-llama-lora-a", "start", "found"]
+    assert [row["model"] for row in record["test_table"]] == ["llama-base", "llama-ft1", "llama-base+search-llama-lora-a", "start", "found"]
     assert record["pareto"] and all(h["state"] == "complete" for h in record["history"] if h["pareto"])
 
 
@@ -222,6 +222,23 @@ def test_same_seed_same_trials_same_model(settings, store, search_inputs, tmp_pa
     [second] = run_recipe(check_recipe(blackbox_recipe("dare_ties", trials=4, seed=5), other, store, default_name="r"), other, store, force=True)
     assert not second.cache_hit and second.model.id == first.model.id
     assert second.model.origin["search"]["history"] == first.model.origin["search"]["history"]
+
+
+def test_the_test_table_starts_at_the_base_and_shows_the_general_texts_perplexity(settings, store, general_text):
+    from merger.evaluation.metrics import perplexity
+    from merger.evaluation.runtimes import Transformers
+
+    [result] = run(blackbox_recipe(trials=2, general_text="general.txt"), settings, store)
+    rows = result.model.origin["search"]["test_table"]
+    assert [row["model"] for row in rows] == ["llama-base", "llama-ft1", "llama-base+search-llama-lora-a", "start", "found"]
+
+    def measured(model_dir) -> float:
+        lm = Transformers().load(model_dir, dtype="float32")
+        return perplexity(lm, general_text.read_text(), window=512, limit=8, batch_size=1, step=lambda *_: None).values["perplexity"]
+
+    assert rows[0]["perplexity"] == pytest.approx(measured(general_text.parent / "llama-base"), rel=1e-5)
+    assert rows[-1]["perplexity"] == pytest.approx(measured(store.path_of(result.model)), rel=1e-5)
+    assert len({round(row["perplexity"], 6) for row in rows}) == len(rows)
 
 
 def test_nsga2_records_a_pareto_front(settings, store, search_inputs):

@@ -114,6 +114,12 @@ class Composer:
                  "normalize": False, "rescale": False}
         return {n: alone for n in self.names}
 
+    def base_only(self) -> dict[str, dict]:
+        """Parameters that give the base as it is (every model's weight 0; slerp's t 0)."""
+        count = len(self.others)
+        nothing = {"weight": [0.0] * count, "density": [1.0] * count, "t": 0.0, "lambda": 1.0, "normalize": False, "rescale": False}
+        return {n: nothing for n in self.names}
+
     @torch.no_grad()
     def apply(self, per_tensor: dict[str, dict], seed: int) -> None:
         torch.manual_seed(seed)  # DARE's masks

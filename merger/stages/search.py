@@ -40,15 +40,15 @@ def plan(stage: SearchStage, loc: tuple, context: PlanContext) -> tuple[StagePla
     spec = stage.search
     problems: list[Problem] = []
     tasks = _task_files(stage, loc, context, problems)
+    general = _general_text(stage, loc, context, problems)
     if spec.searcher == "blackbox":
         from merger.stages import search_blackbox
 
-        return search_blackbox.plan(stage, loc, context, tasks, problems)
+        return search_blackbox.plan(stage, loc, context, tasks, general, problems)
     folded = AdaptersStage(name=stage.name, adapters=AdaptersSpec(base=spec.base, mode="fold", adapters=spec.adapters,
                                                                 allow_other_base=spec.allow_other_base))
     checked, adapter_problems = adapters_stage.plan(folded, loc, context)  # base and adapters, with this stage's field paths
     problems = adapter_problems + problems
-    general = _general_text(stage, loc, context, problems)
     if checked is None or problems:
         return None, problems
     out_dtype = spec.out_dtype or _dtype_of(checked.output_info)
@@ -139,10 +139,12 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
                    progress=progress, should_stop=should_cancel)
     if should_cancel():
         raise Cancelled(f"stage {stage.name} cancelled")
-    alone = [session.mixture.uniform([float(i == a) for i in range(len(spec.adapters))]) for a in range(len(spec.adapters))]
-    labelled = [*((f"{spec.base} + {a.path}", values) for a, values in zip(spec.adapters, alone, strict=True)),
+    count = len(spec.adapters)
+    alone = [session.mixture.uniform([float(i == a) for i in range(count)]) for a in range(count)]
+    labelled = [(str(spec.base), session.mixture.uniform([0.0] * count)),
+                *((f"{spec.base} + {a.path}", values) for a, values in zip(spec.adapters, alone, strict=True)),
                 ("start", session.mixture.uniform([a.weight for a in spec.adapters]))]
-    rows = [{"model": label, "test": session.test_accuracy(values)} | _perplexity(session.general_perplexity(values)) for label, values in labelled]
+    rows = [{"model": label, "test": session.test_accuracy(values)} | perplexity_column(session.general_perplexity(values)) for label, values in labelled]
     coefficients, general = session.mixture.per_adapter(result.coefficients), session.general
     del session
 
@@ -150,8 +152,8 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     merge_stage.run(StagePlan(written, plan.inputs, plan.output_info, plan.details["merge"]), dirs, out_dir, work_dir, report, should_cancel)
     found = Transformers().load(out_dir, dtype="float32")
     rows.append({"model": "found", "test": test_accuracy(found, plan.details["tasks"], parse_lines(spec.test_lines))}
-                | _perplexity(general.perplexity(found) if general else None))
-    parents = [max(row["test"][t] for row in rows[: len(spec.adapters)]) for t in range(len(spec.tasks))]
+                | perplexity_column(general.perplexity(found) if general else None))
+    parents = [max(row["test"][t] for row in rows[1 : 1 + count]) for t in range(len(spec.tasks))]
     record = {
         "searcher": spec.searcher,
         "objective": "worst task's exact match relative to the best parent, then the mean, then the answer log-likelihood (choosing lines)",
@@ -167,7 +169,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
         "objective_names": list(OBJECTIVE_NAMES),
         "history": [{"step": c.step, "loss": c.loss, "objective": list(c.objective), "exact": [s.exact for s in c.scores]}
                     for c in result.history],
-        "test_table": rows,
+        "test_table": rows,  # the base, each adapter alone, the start, the found merge
         "kept": [f / p if p else None for f, p in zip(rows[-1]["test"], parents, strict=True)],
         "objective_at_best": list(result.best.objective),
     }
@@ -179,14 +181,9 @@ def scores_record(scores) -> list[dict]:
     return [{"exact": s.exact, "loglik": s.loglik, "examples": s.examples} for s in scores]
 
 
-def _perplexity(value: float | None) -> dict:
+def perplexity_column(value: float | None) -> dict:
     """A test-table row's perplexity on the general text (measured windows only), when the search names one."""
     return {} if value is None else {"perplexity": value}
-
-
-def stored_test_accuracy(model_dir: Path, tasks: list[tuple[Path, str]], test_lines: frozenset[int]) -> list[float]:
-    """Greedy accuracy of the written merge, as stored, on each task's test lines."""
-    return test_accuracy(Transformers().load(model_dir, dtype="float32"), tasks, test_lines)
 
 
 def test_accuracy(lm, tasks: list[tuple[Path, str]], test_lines: frozenset[int]) -> list[float]:

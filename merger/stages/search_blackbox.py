@@ -22,7 +22,8 @@ DIGITS = 6  # significant digits of a searched value (the trial uses the value t
 MERGE_WIDE = ("t", "lambda", "normalize", "rescale")
 
 
-def plan(stage: SearchStage, loc: tuple, context: PlanContext, tasks: list, problems: list[Problem]) -> tuple[StagePlan | None, list[Problem]]:
+def plan(stage: SearchStage, loc: tuple, context: PlanContext, tasks: list, general: tuple | None,
+         problems: list[Problem]) -> tuple[StagePlan | None, list[Problem]]:
     from merger.search.blackbox import METHODS, PER_MODEL
 
     spec = stage.search
@@ -57,7 +58,7 @@ def plan(stage: SearchStage, loc: tuple, context: PlanContext, tasks: list, prob
     if "weight" in spec.vary:
         for inp in merged.inputs:
             inp.weight = None  # written per tensor, as the merge stage of the written recipe records it
-    details = {"merge": merged.details, "tasks": tasks, "storage": context.resolver.settings.resolved_search_database_url,
+    details = {"merge": merged.details, "tasks": tasks, "general": general, "storage": context.resolver.settings.resolved_search_database_url,
                "num_layers": merged.output_info.num_layers if merged.output_info else None}
     return StagePlan(stage, merged.inputs, merged.output_info, details), []
 
@@ -80,7 +81,10 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     from merger.search.scoring import encode
     from merger.search.session import greedy_test_accuracy
     from merger.search.split import parse_lines, split_task
-    from merger.stages.search import scores_record, stored_test_accuracy
+    from merger.evaluation.datasets import read_text
+    from merger.evaluation.runtimes import HFModel, Transformers
+    from merger.search.general import GeneralText
+    from merger.stages.search import perplexity_column, scores_record, test_accuracy
 
     stage: SearchStage = plan.stage
     spec = stage.search
@@ -113,18 +117,25 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     result = run_study(composer, knobs, [e for lines in encoded for e in lines], first, len(splits), options,
                        pad_id=tokenizer.pad_token_id or 0, progress=progress, should_stop=should_cancel, round_to=DIGITS)
 
-    rows = []
-    for j, ref in enumerate(refs[1:] if base_ref else refs):
-        composer.apply(composer.alone(j), stage.seed)
-        rows.append({"model": str(ref), "test": greedy_test_accuracy(model, tokenizer, splits)})
-    composer.apply(composer.parameters_for({}), stage.seed)
-    rows.append({"model": "start", "test": greedy_test_accuracy(model, tokenizer, splits)})
+    general = GeneralText(plan.details["general"][1], read_text(plan.details["general"][0])) if plan.details["general"] else None
+    lm = HFModel("transformers", model, tokenizer)
+
+    def measured(label: str, parameters: dict) -> dict:
+        composer.apply(parameters, stage.seed)
+        return {"model": label, "test": greedy_test_accuracy(model, tokenizer, splits)} | perplexity_column(general and general.perplexity(lm))
+
+    rows = [measured(str(base_ref), composer.base_only())] if base_ref else []
+    first_parent = len(rows)
+    rows += [measured(str(ref), composer.alone(j)) for j, ref in enumerate(refs[1:] if base_ref else refs)]
+    rows.append(measured("start", composer.parameters_for({})))
     written = written_stage(stage, composer, result.best.params)
-    del composer, model
+    del composer, model, lm
 
     merge_stage.run(StagePlan(written, plan.inputs, plan.output_info, plan.details["merge"]), dirs, out_dir, work_dir, report, should_cancel)
-    rows.append({"model": "found", "test": stored_test_accuracy(out_dir, plan.details["tasks"], test_lines)})
-    parents = [max(row["test"][t] for row in rows[:-2]) for t in range(len(spec.tasks))]
+    found = Transformers().load(out_dir, dtype="float32")
+    rows.append({"model": "found", "test": test_accuracy(found, plan.details["tasks"], test_lines)}
+                | perplexity_column(general and general.perplexity(found)))
+    parents = [max(row["test"][t] for row in rows[first_parent:-2]) for t in range(len(spec.tasks))]
     record = {
         "searcher": "blackbox",
         "study": options.study_name,
@@ -133,6 +144,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
                      "(the search's lines); nsga2: each task's relative exact match",
         "tasks": spec.tasks,
         "test_lines": spec.test_lines,
+        "general_text": spec.general_text,
         "knobs": [k.name for k in knobs],
         "trials": len(result.history),
         "trials_this_run": result.trials_run,
