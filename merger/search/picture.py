@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
-WIDTH, PANEL_HEIGHT, GAP = 640, 170, 34
-LEFT, RIGHT, TOP, BOTTOM = 56, 150, 26, 30  # plot margins inside a panel; the legend sits in the right one
+WIDTH, PANEL_HEIGHT, GAP = 760, 170, 34
+LEFT, RIGHT, TOP, BOTTOM = 56, 270, 26, 30  # plot margins inside a panel; the legend sits in the right one
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 FRONT_COLOR, CLOUD_COLOR = "#d62728", "#b0b0b0"
 

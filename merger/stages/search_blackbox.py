@@ -78,6 +78,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merger.search.blackbox import StudyOptions, knobs_for, load_composer, run_study
+    from merger.search.learned import OBJECTIVE_NAMES
     from merger.search.scoring import encode
     from merger.search.session import greedy_test_accuracy
     from merger.search.split import parse_lines, split_task
@@ -142,6 +143,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
         "sampler": spec.blackbox.sampler,
         "objective": "worst task's exact match relative to the best parent, then the mean, then the answer log-likelihood "
                      "(the search's lines); nsga2: each task's relative exact match",
+        "objective_names": list(OBJECTIVE_NAMES),
         "tasks": spec.tasks,
         "test_lines": spec.test_lines,
         "general_text": spec.general_text,
