@@ -160,7 +160,7 @@ def accuracy_section(store_home: Path, work: Path) -> list[dict]:
 
 def validate_section(sides: dict[str, Path], template: Path, work: Path) -> dict:
     recipes = {
-        "merge (mergekit linear)": {"merge_method": "linear", "dtype": "bfloat16", "models": [
+        "merge (linear)": {"merge_method": "linear", "dtype": "bfloat16", "models": [
             {"model": "gemma-sentiment", "parameters": {"weight": 0.5}}, {"model": "gemma-json", "parameters": {"weight": 0.5}}]},
         "adapters fold": {"stages": [{"name": "folded", "adapters": {"base": "gemma-3-270m", "mode": "fold",
                                                                        "adapters": [{"path": "adapters/json"}]}}]},

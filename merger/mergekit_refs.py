@@ -1,9 +1,11 @@
-"""Finding and replacing every model reference inside a mergekit config, wherever mergekit allows one."""
+"""Finding and replacing every model reference inside a mergekit config (``merger.merge_config``), wherever
+mergekit allows one."""
 
 from typing import Any, Callable, Iterator
 
-from mergekit.common import ModelReference
 from pydantic import BaseModel
+
+from merger.merge_config import ModelReference
 
 
 def walk_references(value: Any, loc: tuple = ()) -> Iterator[tuple[tuple, ModelReference]]:

@@ -10,17 +10,14 @@ A recipe is either a plain mergekit merge config (one ``merge`` stage named afte
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Union
+from typing import Any, ClassVar, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from merger.errors import UNENCODABLE, Problem, RecipeError, format_loc
 from merger.gguf_tools import GGUF_TYPES
-
-if TYPE_CHECKING:  # mergekit (and with it torch) is imported only where a merge config is checked or run
-    from mergekit.common import ModelReference
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge_methods.base import MergeMethod, ParameterSpec
+from merger.merge_config import MergeConfiguration, ModelReference
+from merger.merge_methods import MERGEKIT_METHODS, BasePolicy, MergeMethodSpec, ParameterScope, ParameterSpec, method_spec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 RANDOMIZED_METHODS = frozenset({"dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"})
@@ -62,16 +59,14 @@ class MergeStage(_Stage):
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION + ", for randomized methods (dare_*, della, breadcrumbs)")
     provenance: Provenance | None = Field(default=None, description="Where this merge came from, as the recipe states it (a found "
                                           "recipe's search record); recorded as the model's origin, not part of its files or cache key")
-    _config: Any = PrivateAttr(default=None)  # the MergeConfiguration
+    _config: Any = PrivateAttr(default=None)  # the MergeConfiguration (merger's restatement of mergekit's)
 
     def lineage_form(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"provenance"})
 
     @property
-    def config(self) -> "MergeConfiguration":
+    def config(self) -> MergeConfiguration:
         if self._config is None:
-            from mergekit.config import MergeConfiguration
-
             self._config = MergeConfiguration.model_validate(self.merge)
         return self._config
 
@@ -417,17 +412,14 @@ def check_merge_config(raw: Any, loc: tuple) -> list[Problem]:
     dtypes, the method's inputs and required parameters, tokenizer settings."""
     if not isinstance(raw, dict):
         return []  # the stage schema reports it
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge_methods import registry as merge_methods
-
     problems = _unknown_keys(MergeConfiguration, raw, loc) + _dtype_problems(raw, loc) + _tokenizer_problems(raw, loc)
     method_name = raw.get("merge_method")
     method = None
     if isinstance(method_name, str):
-        try:
-            method = merge_methods.get(method_name)
-        except RuntimeError:
-            known = ", ".join(sorted(m.spec.name for m in merge_methods.registered_methods()))
+        if method_name in MERGEKIT_METHODS:
+            method = method_spec(method_name)
+        else:
+            known = ", ".join(sorted(MERGEKIT_METHODS))
             problems.append(Problem(format_loc(loc + ("merge_method",)), f"unknown merge method {method_name!r}; known: {known}"))
     if method is not None:
         problems += _parameter_value_problems(method, raw, loc)
@@ -508,7 +500,7 @@ class ParameterRule:
     def noun(self) -> str:
         return f"{'an' if self.kind == 'integer' else 'a'} {self.kind}"
 
-    def problem(self, spec: "ParameterSpec", value: Any) -> tuple[Any, str | None]:
+    def problem(self, spec: ParameterSpec, value: Any) -> tuple[Any, str | None]:
         """(the value as mergekit reads it, why it is refused or None)."""
         if self.kind != "boolean" and isinstance(value, bool):
             return None, f"must be {self.noun}, not {str(value).lower()}"
@@ -571,11 +563,9 @@ def parameter_rule(method: str, name: str) -> ParameterRule:
     return METHOD_PARAMETER_RULES.get((method, name)) or PARAMETER_RULES[name]
 
 
-def _parameter_value_problems(method: "MergeMethod", raw: dict, loc: tuple) -> list[Problem]:
+def _parameter_value_problems(method: MergeMethodSpec, raw: dict, loc: tuple) -> list[Problem]:
     """Unknown parameters, parameters set where mergekit ignores them, and every value's type and range."""
-    from mergekit.merge_methods.base import ParameterScope
-
-    specs = {p.name: p for p in method.spec.parameters}
+    specs = {p.name: p for p in method.parameters}
     problems = []
     for param_loc, params, per_input in _parameter_blocks(raw, loc):
         for key, setting in params.items():
@@ -583,16 +573,16 @@ def _parameter_value_problems(method: "MergeMethod", raw: dict, loc: tuple) -> l
             spec = specs.get(key)
             if spec is None:
                 allowed = ", ".join(sorted(specs)) or "none"
-                problems.append(Problem(format_loc(where), f"unknown parameter for {method.spec.name} (allowed: {allowed})"))
+                problems.append(Problem(format_loc(where), f"unknown parameter for {method.name} (allowed: {allowed})"))
                 continue
             if per_input and spec.scope == ParameterScope.SHARED:
                 problems.append(Problem(format_loc(where), f"{key} is one value for all inputs: set it in `parameters` (top level, slice or module); mergekit ignores it here"))
-            for value_loc, message in _setting_problems(spec, parameter_rule(method.spec.name, key), setting, where):
+            for value_loc, message in _setting_problems(spec, parameter_rule(method.name, key), setting, where):
                 problems.append(Problem(format_loc(value_loc), message))
     return problems
 
 
-def _setting_problems(spec: "ParameterSpec", rule: ParameterRule, setting: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+def _setting_problems(spec: ParameterSpec, rule: ParameterRule, setting: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
     """A setting is a value, a gradient (a list of values), or one or a list of ``{filter, value}`` conditionals."""
     conditionals = _conditionals(setting)
     if conditionals is None:
@@ -619,7 +609,7 @@ def _conditionals(setting: Any) -> list[tuple[int | None, dict]] | None:
     return None
 
 
-def _values_problems(spec: "ParameterSpec", rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+def _values_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
     if not isinstance(value, list):
         yield from _scalar_problems(spec, rule, value, loc)
         return
@@ -631,7 +621,7 @@ def _values_problems(spec: "ParameterSpec", rule: ParameterRule, value: Any, loc
         yield from _scalar_problems(spec, rule, item, loc + (i,))
 
 
-def _scalar_problems(spec: "ParameterSpec", rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
+def _scalar_problems(spec: ParameterSpec, rule: ParameterRule, value: Any, loc: tuple) -> Iterator[tuple[tuple, str]]:
     if not isinstance(value, (bool, int, float, str)):
         yield loc, f"must be {rule.noun}" + (" (a gradient is a flat list of values)" if isinstance(value, (list, dict)) else "")
         return
@@ -645,7 +635,7 @@ def _scalar_problems(spec: "ParameterSpec", rule: ParameterRule, value: Any, loc
 
 @dataclass
 class _Input:
-    reference: "ModelReference"
+    reference: ModelReference
     loc: tuple  # where its own parameters are (or would be)
     scopes: list[Any]  # the parameter blocks it reads, highest precedence first: its own, slice, module, top level
 
@@ -653,12 +643,12 @@ class _Input:
 @dataclass
 class _Group:
     loc: tuple
-    base: "ModelReference | None"
+    base: ModelReference | None
     inputs: list[_Input]
     shared: list[Any]  # the parameter blocks of one-value-for-all parameters: slice, module, top level
 
 
-def _groups(config: "MergeConfiguration", raw: dict, loc: tuple) -> Iterator[_Group]:
+def _groups(config: MergeConfiguration, raw: dict, loc: tuple) -> Iterator[_Group]:
     """The groups mergekit merges (a models list, each slice), as it forms them: a base not among the models joins them."""
     outer = [raw.get("parameters")]
     if config.models:
@@ -675,35 +665,33 @@ def _groups(config: "MergeConfiguration", raw: dict, loc: tuple) -> Iterator[_Gr
             yield _slice_group(out_slice, raw_slice, where + ("slices", i), config.base_model, module_outer)
 
 
-def _models_group(models, raw_models: list, loc: tuple, base: "ModelReference | None", base_loc: tuple, outer: list) -> _Group:
+def _models_group(models, raw_models: list, loc: tuple, base: ModelReference | None, base_loc: tuple, outer: list) -> _Group:
     inputs = [_Input(m.model, loc + (i, "parameters"), [raw_models[i].get("parameters"), *outer]) for i, m in enumerate(models)]
     if base is not None and all(m.model != base for m in models):
         inputs.append(_Input(base, base_loc, outer))
     return _Group(loc, base, inputs, outer)
 
 
-def _slice_group(out_slice, raw_slice: dict, loc: tuple, base: "ModelReference | None", outer: list) -> _Group:
+def _slice_group(out_slice, raw_slice: dict, loc: tuple, base: ModelReference | None, outer: list) -> _Group:
     shared = [raw_slice.get("parameters"), *outer]
     inputs = [_Input(src.model, loc + ("sources", j, "parameters"), [raw_src.get("parameters"), *shared])
               for j, (src, raw_src) in enumerate(zip(out_slice.sources, raw_slice["sources"]))]
     return _Group(loc + ("sources",), out_slice.base_model or base, inputs, shared)
 
 
-def _group_problems(method: "MergeMethod", group: _Group, config_loc: tuple) -> list[Problem]:
+def _group_problems(method: MergeMethodSpec, group: _Group, config_loc: tuple) -> list[Problem]:
     """The method's input contract, its required parameters, and the weights and densities it can divide by."""
-    from mergekit.merge_methods.base import BasePolicy, ParameterScope
-
-    name = method.spec.name
+    name = method.name
     problems = []
-    if group.base is None and method.spec.contract.base == BasePolicy.REQUIRED:
+    if group.base is None and method.contract.base == BasePolicy.REQUIRED:
         problems.append(Problem(format_loc(config_loc + ("base_model",)), f"{name} needs a base_model"))
     else:
         try:
-            method.spec.contract.validate_ids([inp.reference for inp in group.inputs], group.base)
+            method.contract.validate_ids([inp.reference for inp in group.inputs], group.base)
         except ValueError as exc:
             problems.append(Problem(format_loc(group.loc), f"{name}: {exc}"))
     values: dict[tuple[str, int | None], list[list] | None] = {}  # (parameter, input index or None) -> alternatives
-    for spec in method.spec.parameters:
+    for spec in method.parameters:
         if spec.scope == ParameterScope.SHARED:
             alternatives, covered = _candidates(spec, name, group.shared)
             values[spec.name, None] = alternatives
@@ -721,7 +709,7 @@ def _group_problems(method: "MergeMethod", group: _Group, config_loc: tuple) -> 
     return problems + _weighted_mean_problems(name, group, values) + _della_problems(name, group, values)
 
 
-def _candidates(spec: "ParameterSpec", method: str, scopes: list[Any]) -> tuple[list[list] | None, bool]:
+def _candidates(spec: ParameterSpec, method: str, scopes: list[Any]) -> tuple[list[list] | None, bool]:
     """(every value list the parameter can take for some tensor, whether every tensor gets one).
 
     Each alternative is a gradient's points (one point for a plain value). Scopes are read in precedence order,

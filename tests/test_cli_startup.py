@@ -1,5 +1,5 @@
-"""Commands that answer at once: checking a recipe without merges and reading the store import no torch,
-mergekit, transformers, PEFT or torchao, and the libraries print nothing of their own (warnings,
+"""Commands that answer at once: checking a recipe (merges by merger's engine's methods included) and reading
+the store import no torch, mergekit, transformers, PEFT or torchao, and the libraries print nothing of their own (warnings,
 library-load failures, progress bars) unless ``--verbose``. Each case runs the real command line in a
 fresh interpreter that writes down, on exit, every module it imported."""
 
@@ -7,11 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.service_harness import BIN
 from tests.test_cli_errors import env  # noqa: F401 - the fixture
-from tests.test_service import linear
 from tests.tiny_models import make_lora
 
 HEAVY = {"torch", "mergekit", "transformers", "peft", "torchao"}
@@ -49,6 +49,28 @@ def test_validating_a_recipe_without_merges_imports_no_torch_nor_mergekit(tmp_pa
     assert done.returncode == 2 and "stages[1].evaluate.perplexity[0]" in done.stderr and imported & HEAVY == set()
 
 
+@pytest.mark.parametrize("method, parameters", [
+    ("linear", {"weight": 0.5}), ("ties", {"weight": 0.5, "density": 0.5}), ("dare_ties", {"weight": 0.5, "density": 0.5}), ("slerp", {})])
+def test_validating_a_merge_of_the_engines_methods_imports_no_torch_nor_mergekit(tmp_path, env, method, parameters):
+    base = {} if method == "linear" else {"base_model": "gemma3-base"}
+    shared = {"parameters": {"t": 0.5}} if method == "slerp" else {}
+    models = ["gemma3-ft1"] if method == "slerp" else ["gemma3-ft1", "gemma3-ft2"]
+    config = {"merge_method": method, **base, **shared, "models": [{"model": m, "parameters": dict(parameters)} for m in models]}
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    done, imported = traced(tmp_path, "validate", recipe, env=env)
+    assert done.returncode == 0 and "1 stage(s): merge" in done.stdout and done.stderr == "", done.stderr
+    assert imported & HEAVY == set()
+    config["models"][0] = {"model": "llama-ft1", "parameters": {**parameters, "density": 2}}
+    config["dtype"] = "float8"
+    recipe.write_text(yaml.safe_dump(config))
+    done, imported = traced(tmp_path, "validate", recipe, env=env)
+    assert done.returncode == 2 and imported & HEAVY == set(), done.stderr
+    assert "stages[0].merge.dtype" in done.stderr and "stages[0].merge.models[0]" in done.stderr
+    if "density" in parameters:  # a parameter of the method
+        assert "stages[0].merge.models[0].parameters.density: 2 is out of range" in done.stderr
+
+
 def test_store_commands_import_no_torch_nor_mergekit(tmp_path, env, model_root):
     subprocess.run([str(BIN / "merger"), "register", str(model_root / "llama-base"), "--name", "llama-base"],
                    env=env, check=True, capture_output=True)
@@ -58,10 +80,12 @@ def test_store_commands_import_no_torch_nor_mergekit(tmp_path, env, model_root):
         assert imported & HEAVY == set(), args
 
 
-def test_validating_a_merge_prints_only_the_result(tmp_path, env):
-    """mergekit's config model checks a merge: it imports torch, PEFT and torchao, whose warnings stay quiet."""
+def test_validating_a_merge_by_mergekit_prints_only_the_result(tmp_path, env):
+    """A method merger's engine does not run is checked with mergekit's declaration of it: that imports mergekit and
+    torch, whose warnings stay quiet."""
     recipe = tmp_path / "merge.yaml"
-    recipe.write_text(linear(0.5))
+    recipe.write_text(yaml.safe_dump({"merge_method": "model_stock", "base_model": "gemma3-base",
+                                      "models": [{"model": "gemma3-ft1"}, {"model": "gemma3-ft2"}]}))
     done, imported = traced(tmp_path, "validate", recipe, env=env)
     assert done.returncode == 0 and "ok" in done.stdout and done.stderr == "", done.stderr
-    assert {"mergekit", "torchao"} <= imported
+    assert {"mergekit", "torch"} <= imported

@@ -1,5 +1,6 @@
 """Merge methods as functions of tensors, computing exactly what mergekit 0.1.5 computes (same torch operations
-in the same order and dtypes, so the results are bit-identical). Variants of task arithmetic are data."""
+in the same order and dtypes, so the results are bit-identical). Variants of task arithmetic are data; each
+method's parameters and inputs are as ``merger.merge_methods`` declares them (mergekit's declarations)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 
 from merger.engine.sparsify import SPARSIFIERS
+from merger.merge_methods import NATIVE_METHODS, BasePolicy, ParameterScope
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,7 @@ class TaskArithmetic:
 
     sparsification: str | None
     consensus: bool
-    default_normalize: bool
-    default_rescale: bool
-    extra: tuple[Param, ...] = field(default=())
+    extra: tuple[str, ...] = field(default=())  # per-input parameters the sparsification takes
 
     def __call__(self, tensors, base_index, shared, inputs) -> torch.Tensor:
         base = tensors[base_index]
@@ -109,7 +109,7 @@ class TaskArithmetic:
             delta = tensor - base
             if self.sparsification:
                 delta = SPARSIFIERS[self.sparsification](
-                    delta, params["density"], shared["rescale"], **{p.name: params[p.name] for p in self.extra})
+                    delta, params["density"], shared["rescale"], **{name: params[name] for name in self.extra})
             deltas[row] = delta
             del delta
         weights = torch.tensor([p["weight"] for _, p in others], dtype=deltas.dtype).unsqueeze(-1)
@@ -138,13 +138,7 @@ class TaskArithmetic:
         return (base + mixed).to(base.dtype)
 
     def method(self, name: str) -> Method:
-        return Method(
-            name, self, needs_base=True,
-            shared=(Param("int8_mask", bool, False), Param("normalize", bool, self.default_normalize),
-                    Param("rescale", bool, self.default_rescale), Param("lambda", float, 1.0)),
-            per_non_base=(Param("weight", float), Param("density", float, 1.0), *self.extra),
-            randomized=self.sparsification == "random", elementwise=self.sparsification is None,
-        )
+        return Method(name, self, **_declared(name), randomized=self.sparsification == "random", elementwise=self.sparsification is None)
 
 
 def _sign_consensus(deltas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -154,17 +148,28 @@ def _sign_consensus(deltas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return sign == majority
 
 
-GAMMA = Param("gamma", float, 0.01)
+def _declared(name: str) -> dict[str, Any]:
+    """A method's parameters by scope (a default of None: required) and its inputs, as declared for checking."""
+    spec = NATIVE_METHODS[name]
+
+    def params(scope: ParameterScope) -> tuple[Param, ...]:
+        return tuple(Param(p.name, p.value_type, None if p.required else p.default) for p in spec.parameters if p.scope == scope)
+
+    contract = spec.contract
+    exact = contract.max_inputs if contract.max_inputs == contract.min_inputs else None
+    return {"needs_base": contract.base == BasePolicy.REQUIRED, "exact_inputs": exact, "shared": params(ParameterScope.SHARED),
+            "per_input": params(ParameterScope.INPUT), "per_non_base": params(ParameterScope.NON_BASE)}
+
+
 METHODS: dict[str, Method] = {
-    "linear": Method("linear", linear, needs_base=False, shared=(Param("normalize", bool, True),),
-                     per_input=(Param("weight", float),), elementwise=True),
-    "slerp": Method("slerp", slerp, needs_base=True, shared=(Param("t", float),), exact_inputs=2),
+    "linear": Method("linear", linear, **_declared("linear"), elementwise=True),
+    "slerp": Method("slerp", slerp, **_declared("slerp")),
     **{name: variant.method(name) for name, variant in {
-        "task_arithmetic": TaskArithmetic(None, False, False, False),
-        "ties": TaskArithmetic("magnitude", True, True, False),
-        "dare_ties": TaskArithmetic("random", True, False, True),
-        "dare_linear": TaskArithmetic("random", False, False, True),
-        "breadcrumbs": TaskArithmetic("magnitude_outliers", False, False, False, (GAMMA,)),
-        "breadcrumbs_ties": TaskArithmetic("magnitude_outliers", True, False, False, (GAMMA,)),
+        "task_arithmetic": TaskArithmetic(None, False),
+        "ties": TaskArithmetic("magnitude", True),
+        "dare_ties": TaskArithmetic("random", True),
+        "dare_linear": TaskArithmetic("random", False),
+        "breadcrumbs": TaskArithmetic("magnitude_outliers", False, ("gamma",)),
+        "breadcrumbs_ties": TaskArithmetic("magnitude_outliers", True, ("gamma",)),
     }.items()},
 }

@@ -68,9 +68,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # a server checks merge recipes with mergekit's config model: import it (seconds) at start, not in the
-        # first request (the CLI imports it only when a recipe has a merge stage)
-        await asyncio.to_thread(importlib.import_module, "mergekit.config")
+        # a server checks a merge by a method merger's engine does not run with mergekit's method registry: import
+        # it (seconds) at start, not in the first such request (the CLI imports it only for such a merge)
+        await asyncio.to_thread(importlib.import_module, "mergekit.merge_methods.registry")
         reaper = asyncio.create_task(_reap_forever(svc))
         yield
         reaper.cancel()

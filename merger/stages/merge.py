@@ -1,23 +1,20 @@
-"""The ``merge`` stage: any mergekit merge, run in-process by mergekit with progress and cancellation.
+"""The ``merge`` stage: any mergekit merge, run in-process by merger's engine or by mergekit, with progress and
+cancellation.
 
 merger resolves every model reference itself (confined to the model roots) and hands mergekit only
 absolute directories it has checked, so mergekit never sees a user path, never downloads, and never
-loads a pickle.
+loads a pickle. Planning reads configs and headers only and imports neither torch nor mergekit.
 """
 
-import importlib.resources
+import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mergekit.merge
-import torch
-from mergekit._data import chat_templates
-from mergekit.common import ModelPath, ModelReference
-from mergekit.options import MergeOptions
-
-from merger import engine
 from merger.errors import Cancelled, Problem, format_loc
+from merger.merge_config import ModelPath, ModelReference
 from merger.mergekit_refs import map_references, walk_references
 from merger.modelfiles import ModelInfo
 from merger.planning import InputRef, PlanContext, StageOutput, StagePlan, inspect_source, resolve_input
@@ -25,7 +22,9 @@ from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import RANDOMIZED_METHODS, MergeStage
 from merger.references import UnresolvedReference
 from merger.settings import Settings
-from merger.stages.mergekit_hooks import observed
+
+if TYPE_CHECKING:
+    from merger.engine import MergePlan
 
 RELATION = "merge"
 MAX_SHAPE_PROBLEMS = 3
@@ -120,7 +119,7 @@ def _compatibility(config, loc, inputs, infos, base_info: ModelInfo | None) -> l
 
 def _chat_template(value: str | None, context: PlanContext, loc: tuple, problems: list[Problem]) -> str | None:
     """A built-in template name, ``auto``, or literal Jinja pass through; anything else is a file under the roots."""
-    builtin = {p.name.removesuffix(".jinja") for p in importlib.resources.files(chat_templates).iterdir()}
+    builtin = _builtin_chat_templates()
     if value is None or value == "auto" or value in builtin or "{" in value:
         return None
     try:
@@ -128,6 +127,14 @@ def _chat_template(value: str | None, context: PlanContext, loc: tuple, problems
     except (UnresolvedReference, OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(format_loc(loc + ("chat_template",)), f"not a built-in template name ({', '.join(sorted(builtin))}), Jinja text, or a readable file under the model roots: {exc}"))
         return None
+
+
+@cache
+def _builtin_chat_templates() -> frozenset[str]:
+    """The names of the templates mergekit ships (files in its package; nothing of mergekit is imported)."""
+    spec = importlib.util.find_spec("mergekit")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "_data" / "chat_templates"
+    return frozenset(p.name.removesuffix(".jinja") for p in folder.iterdir())
 
 
 def summary(stage: MergeStage) -> str:
@@ -144,12 +151,18 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
         _run_engine(native, stage, out_dir, report, should_cancel)
         return output
 
+    import mergekit.merge
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from merger.stages.mergekit_hooks import observed
+
     def local(ref: ModelReference) -> ModelReference:
         slot = next(s for s in plan.details["slots"] if s.reference == ref)
         lora = ModelPath(path=str(dirs[slot.adapter_input])) if slot.adapter_input is not None else None
         return ModelReference(model=ModelPath(path=str(dirs[slot.model_input])), lora=lora, override_architecture=ref.override_architecture)
 
-    config = map_references(stage.config, local)
+    config = MergeConfiguration.model_validate(map_references(stage.config, local).model_dump())
     if "chat_template" in plan.details:
         config = config.model_copy(update={"chat_template": plan.details["chat_template"]})
     options = MergeOptions(
@@ -165,8 +178,10 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     return output
 
 
-def _engine_plan(plan: StagePlan, dirs: list[Path]) -> engine.MergePlan | None:
+def _engine_plan(plan: StagePlan, dirs: list[Path]) -> "MergePlan | None":
     """The one predicate: engine.prepare plans the merge or says why it cannot (then mergekit runs it)."""
+    from merger import engine
+
     if "chat_template" in plan.details:
         return None
     local = {str(s.reference): dirs[s.model_input] for s in plan.details["slots"] if s.adapter_input is None}
@@ -176,11 +191,13 @@ def _engine_plan(plan: StagePlan, dirs: list[Path]) -> engine.MergePlan | None:
         return None
 
 
-def _run_engine(native: engine.MergePlan, stage: MergeStage, out_dir: Path, report: Reporter, should_cancel: CancelCheck) -> None:
+def _run_engine(native: "MergePlan", stage: MergeStage, out_dir: Path, report: Reporter, should_cancel: CancelCheck) -> None:
     def on_tensor(done: int, total: int) -> None:
         report(ProgressEvent(stage.name, "progress", done, total, "tensors"))
         if should_cancel():
             raise Cancelled(f"stage {stage.name} cancelled")
+
+    from merger import engine
 
     report(ProgressEvent(stage.name, "progress", 0, len(native.tensors), "tensors"))
     engine.execute(native, out_dir, seed=stage.seed, device=Settings().device, on_tensor=on_tensor)
@@ -189,6 +206,8 @@ def _run_engine(native: engine.MergePlan, stage: MergeStage, out_dir: Path, repo
 @contextmanager
 def _threads_for(method: str):
     """Randomized methods are reproducible for a seed only single-threaded."""
+    import torch
+
     if method not in RANDOMIZED_METHODS:
         yield
         return

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from merger.errors import Problem, format_loc
 from merger.hashing import digest_json
+from merger.merge_methods import method_spec
 from merger.planning import PlanContext, StageOutput, StagePlan
 from merger.progress import CancelCheck, ProgressEvent, Reporter
 from merger.recipe import MergeStage, SearchStage
@@ -64,9 +65,7 @@ def plan(stage: SearchStage, loc: tuple, context: PlanContext, tasks: list, gene
 
 
 def _parameter_names(method: str) -> set[str]:
-    from mergekit.merge_methods import registry
-
-    return {p.name for p in registry.get(method).spec.parameters}
+    return {p.name for p in method_spec(method).parameters}
 
 
 def summary(stage: SearchStage) -> str:
