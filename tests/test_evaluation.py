@@ -170,6 +170,31 @@ def test_batched_greedy_stops_each_sequence_at_its_end_of_sequence(eval_root):
     assert out == [lm.greedy(prompt, 6) for prompt in prompts]
 
 
+def assert_guesses_change_no_token(lm, prompts: list[list[int]], budget: int) -> None:
+    """Guessed continuations (right, right then wrong, wrong, none, longer than the budget) and settling
+    change no greedy token: the output is the greedy continuation, or with ``settled`` a prefix of it."""
+    alone = [lm.greedy(prompt, budget) for prompt in prompts]
+    assert all(len(tokens) == budget for tokens in alone)
+
+    def wrong(token: int) -> int:
+        return 5 if token == 4 else 4
+
+    guesses = [alone[0], alone[1][:1] + [wrong(alone[1][1])] + alone[1][2:], [wrong(alone[2][0])] * 3, [], alone[4] + [4, 4]]
+    budgets = [budget] * len(prompts)
+    assert lm.greedy_batch(prompts, budgets, guesses=guesses) == alone
+    assert lm.greedy_batch(prompts, budgets, settled=lambda row, new: len(new) >= row) == [a[:max(row, 1)] for row, a in enumerate(alone)]
+    cut = lm.greedy_batch(prompts, budgets, guesses=guesses, settled=lambda row, new: True)
+    assert cut[0] == alone[0] and cut[1] == alone[1][:2] and cut[2] == alone[2][:1] and cut[3] == alone[3][:1]
+
+
+@pytest.mark.parametrize("name, seed", [("llama-base", 4), ("gemma3-base", 4), ("eval/llama-spm", 5)])  # no early end
+def test_guessed_continuations_change_no_greedy_token(model_root, eval_root, name, seed):
+    lm = Transformers().load(model_root / name, dtype="float32")
+    words = WORDS if name.endswith("spm") else [f"w{i}" for i in range(4, VOCAB)]
+    rng = random.Random(seed)
+    assert_guesses_change_no_token(lm, [lm.encode(" ".join(rng.choice(words) for _ in range(n)), special=True) for n in (3, 1, 6, 2, 4)], 4)
+
+
 def test_task_accuracy_is_the_same_in_any_batch_size(settings, store, eval_root):
     chain = registered(store, eval_root, "chain")
     items = [task_file(eval_root / "data" / "chain-tasks.jsonl", "tasks"), task_file(eval_root / "data" / "chain-mc.jsonl", "mc")]
@@ -430,6 +455,16 @@ def test_gguf_under_llama_cpp_matches_its_source(settings, store, eval_root, tmp
     assert by["llama-spm-gguf", "own"].values["accuracy"] == 0.5
     [kl] = [r.row for r in report.results if r.row.metric == "kl_divergence"]  # an F32 GGUF: the same distributions
     assert kl.runtime == "llama.cpp" and kl.values["kl_divergence"] < 1e-4 and kl.values["top1_agreement"] > 0.99
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+def test_guessed_continuations_change_no_greedy_token_under_llama_cpp(settings, store, eval_root, tmp_path):
+    from merger.evaluation.runtimes import LlamaCpp
+
+    gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path)
+    lm = LlamaCpp().load(store.path_of(gguf), dtype="float32")
+    rng = random.Random(5)
+    assert_guesses_change_no_token(lm, [lm.encode(" ".join(rng.choice(WORDS) for _ in range(n)), special=True) for n in (3, 1, 6, 2, 4)], 4)
 
 
 def test_quantize_then_evaluate_compares_the_gguf_with_its_source(settings, store, eval_root):

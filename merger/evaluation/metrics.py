@@ -7,7 +7,10 @@
 - task accuracy: the prompt is tokenized as the model's tokenizer does (BOS added as it adds it), decoded
   greedily for (answer tokens + 1) new tokens; right when the decoded continuation (special tokens
   skipped) starts with the answer exactly. ``batch_size`` examples are decoded together (left-padded, each
-  stopping at its own length or end of sequence): the same tokens as one at a time.
+  stopping at its own length or end of sequence): the same tokens as one at a time. The answer's tokens are
+  a guess that one forward pass checks (greedy decoding picks them anyway, or the pass gives its first
+  other pick), and a continuation stops once its text starts with or departs from the answer, so a right
+  answer costs one pass, not one per token, and a wrong one stops where it goes wrong.
 - KL divergence (a quantized model against its unquantized source, on a perplexity text's windows as the
   source tokenizes them; the source runs once for all its quantized models): the
   mean over scored tokens of KL(source || quantized) of the next-token distributions, and the fraction of
@@ -107,19 +110,29 @@ def generation_accuracy(lm: "LoadedModel", examples: list[Generation], *, batch_
                         step: Step) -> Measured:
     started, right, tokens = time.perf_counter(), 0, 0
     prompts = [lm.encode(example.prompt, special=True) for example in examples]
-    budgets = [len(lm.encode(example.answer, special=False)) + 1 for example in examples]
+    answers = [lm.encode(example.answer, special=False) for example in examples]
+    budgets = [len(answer) + 1 for answer in answers]
     # examples of similar lengths decode together: less padding, and fewer rows that wait for the longest
     order = sorted(range(len(examples)), key=lambda i: (budgets[i], len(prompts[i])))
     step(0, len(examples))
     for batch in _batches(len(examples), batch_size):
         chosen = [order[i] for i in batch]
-        outputs = lm.greedy_batch([prompts[i] for i in chosen], [budgets[i] for i in chosen])
+        expected = [examples[i].answer for i in chosen]
+        settled = (lambda row, new: _decided(lm.decode(new), expected[row])) if lm.decodes_by_appending else None
+        outputs = lm.greedy_batch([prompts[i] for i in chosen], [budgets[i] for i in chosen],
+                                  guesses=[answers[i] for i in chosen], settled=settled)
         for i, new in zip(chosen, outputs, strict=True):
             right += lm.decode(new).startswith(examples[i].answer)
             tokens += len(prompts[i]) + len(new)
         step(batch.stop, len(examples))
     return Measured({"accuracy": right / len(examples), "right": right, "examples": len(examples)}, tokens,
                     time.perf_counter() - started)
+
+
+def _decided(text: str, answer: str) -> bool:
+    """Whether more tokens can change if ``text`` starts with ``answer``: not once it does, nor once it departs
+    from it (an incomplete UTF-8 character at its end, shown as U+FFFD, may still become the answer's)."""
+    return text.startswith(answer) or not answer.startswith(text.rstrip("\ufffd"))
 
 
 def choice_accuracy(lm: "LoadedModel", examples: list[Choice], *, batch_size: int = DEFAULT_BATCH, step: Step) -> Measured:
