@@ -46,33 +46,50 @@ class Measured:
 
 def perplexity(lm: "LoadedModel", text: str, *, window: int, limit: int | None, batch_size: int, step: Step) -> Measured:
     windows = perplexity_windows(lm, text, window)[:limit or None]
-    started, nll, scored = time.perf_counter(), 0.0, 0
+    started, nll = time.perf_counter(), 0.0
     step(0, len(windows))
     for start in range(0, len(windows), batch_size):
         for logprobs in lm.token_logprobs(windows[start:start + batch_size]):
             nll -= float(logprobs.double().sum())
-            scored += len(logprobs)
         step(min(start + batch_size, len(windows)), len(windows))
-    seconds = time.perf_counter() - started
-    values = {"perplexity": math.exp(nll / scored), "nll": nll / scored, "scored_tokens": scored,
-              "windows": len(windows), "window": len(windows[0])}
-    return Measured(values, sum(map(len, windows)), seconds)
+    return Measured(_perplexity_values(nll, windows), sum(map(len, windows)), time.perf_counter() - started)
+
+
+def _perplexity_values(nll: float, windows: list[list[int]]) -> dict:
+    scored = sum(len(ids) - 1 for ids in windows)
+    return {"perplexity": math.exp(nll / scored), "nll": nll / scored, "scored_tokens": scored, "windows": len(windows),
+            "window": len(windows[0])}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    kl: list[Measured]  # each model against the source
+    perplexity: list[Measured | None]  # each model's perplexity, where it cuts the text into the source's windows
+    source_perplexity: Measured
 
 
 def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str, *, window: int, limit: int | None,
-                  step: Step) -> list[Measured]:
+                  step: Step) -> Comparison:
     """How far each of ``models`` (quantized copies of ``source``) is from ``source`` on the perplexity windows
     (``source``'s tokenization): the mean KL(source || model) of the next-token distributions, and how often
-    their most likely tokens agree.
+    their most likely tokens agree. The same passes give the source's perplexity, and each model's where it
+    tokenizes the text as the source does.
 
     A window at a time: its distributions are length × vocabulary floats per model; the source's serve all.
     """
+    import torch
+
     windows = perplexity_windows(source, text, window)[:limit or None]
-    kl, agree, seconds = [0.0] * len(models), [0] * len(models), [0.0] * len(models)
+    same_windows = [perplexity_windows(lm, text, window)[:limit or None] == windows for lm in models]
+    kl, agree, nll, seconds = [0.0] * len(models), [0] * len(models), [0.0] * len(models), [0.0] * len(models)
+    source_nll, source_seconds = 0.0, 0.0
     step(0, len(windows))
     for done, ids in enumerate(windows, start=1):
         started = time.perf_counter()
         reference = source.next_token_logprobs(ids)
+        targets = torch.tensor(ids[1:])[:, None]
+        source_nll -= float(reference.gather(-1, targets).double().sum())
+        source_seconds += time.perf_counter() - started
         shared = (time.perf_counter() - started) / len(models)
         for i, lm in enumerate(models):
             started = time.perf_counter()
@@ -82,12 +99,15 @@ def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str,
                                 f"({reference.shape[-1]}); their distributions can't be compared")
             kl[i] += float((reference.exp() * (reference - logprobs)).sum(-1).double().sum())
             agree[i] += int((reference.argmax(-1) == logprobs.argmax(-1)).sum())
+            nll[i] -= float(logprobs.gather(-1, targets).double().sum())
             seconds[i] += shared + time.perf_counter() - started
         step(done, len(windows))
-    scored = sum(len(ids) - 1 for ids in windows)
-    return [Measured({"kl_divergence": kl[i] / scored, "top1_agreement": agree[i] / scored, "scored_tokens": scored,
-                      "windows": len(windows), "window": len(windows[0])}, sum(map(len, windows)), seconds[i])
-            for i in range(len(models))]
+    scored, tokens = sum(len(ids) - 1 for ids in windows), sum(map(len, windows))
+    return Comparison(
+        [Measured({"kl_divergence": kl[i] / scored, "top1_agreement": agree[i] / scored, "scored_tokens": scored,
+                   "windows": len(windows), "window": len(windows[0])}, tokens, seconds[i]) for i in range(len(models))],
+        [Measured(_perplexity_values(nll[i], windows), tokens, seconds[i]) if same_windows[i] else None for i in range(len(models))],
+        Measured(_perplexity_values(source_nll, windows), tokens, source_seconds))
 
 
 def perplexity_windows(lm: "LoadedModel", text: str, window: int) -> list[list[int]]:

@@ -12,6 +12,10 @@ continuation. The metrics use only that, so every runtime is measured by the sam
 """
 
 import importlib.util
+import json
+import os
+import statistics
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
@@ -25,6 +29,7 @@ from merger.errors import MergerError
 from merger.gguf_tools import native_stderr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_DTYPE = "float32"  # what transformers dequantizes a GGUF file to, unless told otherwise
 LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits one transformers forward pass may hold
 LLAMA_CPP_MAX_CONTEXT = 4096  # llama-cpp-python keeps logits for every position: context × vocabulary floats
 
@@ -75,12 +80,51 @@ class Runtime(Protocol):
     def versions(self) -> dict[str, str]: ...
 
 
+@contextmanager
+def evaluation_threads():
+    """torch's thread count while evaluating: the cores no other runnable task wants right now (at least one).
+
+    On 2 cores that other work keeps busy (load 6), a forward pass with 2 OpenMP threads, each waiting at every
+    barrier for the other to get a core, took 10x the wall time of one thread (and 8x the CPU time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(_idle_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _idle_cores(samples: int = 5) -> int:
+    cores = len(os.sched_getaffinity(0))
+    try:
+        running = []
+        for _ in range(samples):  # /proc/loadavg's 4th field: runnable tasks now (this one included) / all
+            running.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+            time.sleep(0.01)
+    except (OSError, IndexError, ValueError):  # not Linux
+        return cores
+    return max(1, min(cores, cores + 1 - round(statistics.median(running))))
+
+
 def gguf_file(model_dir: Path) -> Path | None:
     """The one ``*.gguf`` file of a GGUF model directory; None for other directories."""
     files = sorted(model_dir.glob("*.gguf"))
     if len(files) > 1:
         raise CannotEvaluate(f"{model_dir}: holds {len(files)} .gguf files; a GGUF model directory holds exactly one")
     return files[0] if files else None
+
+
+def stored_dtype(model_dir: Path) -> str:
+    """The dtype a model's weights are stored in, as its config.json says (float32 for a GGUF file, which
+    transformers dequantizes, and when the config names none merger runs in)."""
+    if gguf_file(model_dir) is not None:
+        return GGUF_DTYPE
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    named = config.get("dtype") or config.get("torch_dtype")
+    return named if named in DTYPES else "float32"
 
 
 def llama_cpp_available() -> bool:
