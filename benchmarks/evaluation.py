@@ -204,7 +204,7 @@ def validate_section(sides: dict[str, Path], template: Path, work: Path) -> dict
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, required=True, help="a store holding the quickstart's models (see above)")
-    parser.add_argument("--before", type=Path, default=REPO.parent / "main", help="the checkout to compare with ('' for none)")
+    parser.add_argument("--before", default=str(REPO.parent / "main"), help="the checkout to compare with ('' for none)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work" / "evaluation")
     parser.add_argument("--limit", type=int, help="evaluate: examples per task file and windows of text (the recipe says 50)")
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    sides = ({"before": args.before.resolve()} if str(args.before) else {}) | {"after": REPO}
+    sides = ({"before": Path(args.before).resolve()} if args.before else {}) | {"after": REPO}
     console.print(f"cores: {os.cpu_count()}  load: {os.getloadavg()}  sides: {sides}")
     results = {}
     if "evaluate" in sections:

@@ -206,16 +206,15 @@ def _compare(store: Store, source: ModelRow, comparison: _Comparison, options: O
     text = read_text(comparison.item.path)
     try:
         measured = metrics.kl_divergence(reference, lms, text, window=options.window, limit=options.limit, step=step)
-        results = [_saved(store, t, options, one) for t, one in zip(comparison.kl, measured.kl, strict=True)]
-        for t, lm, one in zip(comparison.perplexity, lms, measured.perplexity, strict=True):
-            if t is not None:  # a model that cuts the text into other windows than its source is measured on its own
-                one = one or metrics.perplexity(lm, text, window=options.window, limit=options.limit, batch_size=options.batch_size,
-                                                step=lambda *_: None)
-                results.append(_saved(store, t, options, one))
+        results = [] if comparison.source_perplexity is None else [_saved(store, comparison.source_perplexity, options, measured.source_perplexity)]
+        for kl, perplexity, lm, kl_measured, perplexity_measured in zip(comparison.kl, comparison.perplexity, lms, measured.kl,
+                                                                        measured.perplexity, strict=True):
+            if perplexity is not None:  # a model that cuts the text into other windows than its source is measured on its own
+                results.append(_saved(store, perplexity, options, perplexity_measured or metrics.perplexity(
+                    lm, text, window=options.window, limit=options.limit, batch_size=options.batch_size, step=lambda *_: None)))
+            results.append(_saved(store, kl, options, kl_measured))
     except DataError as exc:
         raise DataError(f"{comparison.item.path}: {exc}") from None
-    if comparison.source_perplexity is not None:
-        results.append(_saved(store, comparison.source_perplexity, options, measured.source_perplexity))
     return results
 
 
