@@ -82,19 +82,25 @@ class Runtime(Protocol):
 
 @contextmanager
 def evaluation_threads():
-    """torch's thread count while evaluating: the cores no other runnable task wants right now (at least one).
+    """torch's thread count while evaluating: the cores no other runnable task wants (at least one).
 
     On 2 cores that other work keeps busy (load 6), a forward pass with 2 OpenMP threads, each waiting at every
     barrier for the other to get a core, took 10x the wall time of one thread (and 8x the CPU time)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(_idle_cores())
+    adapt_threads()
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def _idle_cores(samples: int = 5) -> int:
+def adapt_threads() -> None:
+    """Set torch's thread count to the cores idle now (``evaluation_threads`` calls it again between batches:
+    the load changes while an evaluation runs)."""
+    torch.set_num_threads(_idle_cores())
+
+
+def _idle_cores(samples: int = 3) -> int:
     cores = len(os.sched_getaffinity(0))
     try:
         running = []

@@ -16,8 +16,8 @@ from merger.db import EvaluationRow, ModelRow
 from merger.errors import Cancelled
 from merger.evaluation import harness, metrics
 from merger.evaluation.datasets import GENERATION, KL_DIVERGENCE, LM_EVAL, PERPLEXITY, DataError, DataFile, read_examples, read_text
-from merger.evaluation.runtimes import (CannotEvaluate, LlamaCpp, LoadedModel, Runtime, Transformers, TransformersGGUF, evaluation_threads,
-                                       runtime_for, stored_dtype)
+from merger.evaluation.runtimes import (CannotEvaluate, LlamaCpp, LoadedModel, Runtime, Transformers, TransformersGGUF, adapt_threads,
+                                       evaluation_threads, runtime_for, stored_dtype)
 from merger.hashing import digest_json
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
 from merger.store import Store
@@ -285,6 +285,7 @@ def _stepper(stage: str, what: str, metric: str, report: Reporter, should_cancel
 
     def step(done: int, total: int) -> None:
         report(ProgressEvent(stage, "progress", done, total, unit=unit))
+        adapt_threads()
         if should_cancel():
             raise Cancelled(f"evaluation cancelled ({what})")
 
