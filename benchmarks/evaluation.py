@@ -14,7 +14,8 @@ other's evaluations or database revision.
   stage's own seconds, and every result, so the two sides' numbers can be compared.
 - accuracy: greedy accuracy of each fixture fine-tune on its own task file (first 50 lines), by merger
   (batch_size 8, and 1: one example at a time) and by lm-eval's ``hf`` model (batch size 8) given the same
-  loaded model; seconds and the ratio lm-eval / merger.
+  loaded model, with the same torch thread count (the one merger's evaluation picks); seconds and the ratio
+  lm-eval / merger.
 - validate: ``merger validate`` wall time (process start to exit, median of 3) of a one-stage recipe: a
   mergekit merge, and an adapters fold; each side.
 """
@@ -117,36 +118,18 @@ def evaluate_section(sides: dict[str, Path], template: Path, work: Path, *, limi
 
 def accuracy_section(store_home: Path, work: Path) -> list[dict]:
     """In this process (this checkout): merger's greedy accuracy and lm-eval's on the same loaded model."""
-    from merger.evaluation import harness
-    from merger.evaluation.datasets import read_examples
-    from merger.evaluation.metrics import generation_accuracy
-    from merger.evaluation.runtimes import Transformers
+    import torch
+
+    from merger.evaluation.runtimes import evaluation_threads
     from merger.settings import Settings
     from merger.store import Store
 
     os.environ |= side_env(REPO, store_home)
     store = Store(Settings())
-    rows = []
-    for task in TASKS:
-        path = FIXTURES / "tasks" / f"{task}.jsonl"
-        examples = read_examples(path, LIMIT)
-        lm = Transformers().load(store.path_of(store.find(f"gemma-{task}")), dtype="float32")
-        row = {"task": task, "model": f"gemma-{task}", "examples": len(examples)}
-        for batch in (8, 1):
-            measured = generation_accuracy(lm, examples, batch_size=batch, step=lambda *_: None)
-            row[f"merger_b{batch}"] = {"accuracy": measured.values["accuracy"], "seconds": measured.seconds}
-        max_tokens = max(len(lm.encode(e.answer, special=False)) + 1 for e in examples)
-        yaml_path = work / f"lm-eval-{task}.yaml"
-        yaml_path.write_text(LM_EVAL_TASK.format(name=task, data=path.name, max_tokens=max_tokens))
-        shutil.copy(path, work / path.name)
-        spec = harness.read_task(yaml_path, lambda text, base: (base / text).resolve())
-        with tempfile.TemporaryDirectory() as cache:
-            measured = harness.run_task(lm.model, lm.tokenizer, spec, limit=LIMIT, batch_size=8, cache_dir=Path(cache),
-                                        step=lambda *_: None)
-        row["lm_eval_b8"] = {"exact_match": measured.values["metrics"][measured.values["primary"]], "seconds": measured.seconds}
-        rows.append(row)
-        del lm
-    table = Table(title=f"greedy task accuracy, first {LIMIT} lines, same loaded model (float32)")
+    with evaluation_threads():
+        threads = torch.get_num_threads()
+        rows = [_accuracy_row(store, task, work) for task in TASKS]
+    table = Table(title=f"greedy task accuracy, first {LIMIT} lines, same loaded model (float32), {threads} torch thread(s)")
     for heading in ("task", "merger b8 acc", "merger b8 s", "merger b1 s", "lm-eval hf b8 exact_match", "lm-eval s",
                     "lm-eval s / merger b8 s"):
         table.add_column(heading, justify="right")
@@ -156,6 +139,32 @@ def accuracy_section(store_home: Path, work: Path) -> list[dict]:
                       f"{r['lm_eval_b8']['seconds']:.1f}", f"{r['lm_eval_b8']['seconds'] / r['merger_b8']['seconds']:.2f}")
     console.print(table)
     return rows
+
+
+def _accuracy_row(store, task: str, work: Path) -> dict:
+    """One fixture fine-tune on its own task file: merger at batch 8 and 1, lm-eval's hf model at batch 8."""
+    from merger.evaluation import harness
+    from merger.evaluation.datasets import read_examples
+    from merger.evaluation.metrics import generation_accuracy
+    from merger.evaluation.runtimes import Transformers
+
+    path = FIXTURES / "tasks" / f"{task}.jsonl"
+    examples = read_examples(path, LIMIT)
+    lm = Transformers().load(store.path_of(store.find(f"gemma-{task}")), dtype="float32")
+    row = {"task": task, "model": f"gemma-{task}", "examples": len(examples)}
+    for batch in (8, 1):
+        measured = generation_accuracy(lm, examples, batch_size=batch, step=lambda *_: None)
+        row[f"merger_b{batch}"] = {"accuracy": measured.values["accuracy"], "seconds": measured.seconds}
+    max_tokens = max(len(lm.encode(e.answer, special=False)) + 1 for e in examples)
+    yaml_path = work / f"lm-eval-{task}.yaml"
+    yaml_path.write_text(LM_EVAL_TASK.format(name=task, data=path.name, max_tokens=max_tokens))
+    shutil.copy(path, work / path.name)
+    spec = harness.read_task(yaml_path, lambda text, base: (base / text).resolve())
+    with tempfile.TemporaryDirectory() as cache:
+        measured = harness.run_task(lm.model, lm.tokenizer, spec, limit=LIMIT, batch_size=8, cache_dir=Path(cache),
+                                    step=lambda *_: None)
+    row["lm_eval_b8"] = {"exact_match": measured.values["metrics"][measured.values["primary"]], "seconds": measured.seconds}
+    return row
 
 
 def validate_section(sides: dict[str, Path], template: Path, work: Path) -> dict:
@@ -195,7 +204,7 @@ def validate_section(sides: dict[str, Path], template: Path, work: Path) -> dict
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, required=True, help="a store holding the quickstart's models (see above)")
-    parser.add_argument("--before", type=Path, default=REPO.parent / "main", help="the checkout to compare with ('' for none)")
+    parser.add_argument("--before", default=str(REPO.parent / "main"), help="the checkout to compare with ('' for none)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work" / "evaluation")
     parser.add_argument("--limit", type=int, help="evaluate: examples per task file and windows of text (the recipe says 50)")
@@ -206,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    sides = ({"before": args.before.resolve()} if str(args.before) else {}) | {"after": REPO}
+    sides = ({"before": Path(args.before).resolve()} if args.before else {}) | {"after": REPO}
     console.print(f"cores: {os.cpu_count()}  load: {os.getloadavg()}  sides: {sides}")
     results = {}
     if "evaluate" in sections:

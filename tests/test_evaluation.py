@@ -111,12 +111,22 @@ def hand_perplexity(model_dir: Path, text: str, window: int) -> float:
 def test_perplexity_matches_a_hand_computation(settings, store, model_root, eval_root, name, text):
     path = eval_root / "data" / text
     model = registered(store, model_root, name)
-    report = evaluate(store, [model], [text_file(path, text)], Options(window=32, batch_size=3, parents=False))
+    report = evaluate(store, [model], [text_file(path, text)], Options(window=32, batch_size=3, parents=False, dtype="float32"))
     [result] = report.results
     expected = hand_perplexity(model_root / name, path.read_text(), 32)
     assert result.row.values["perplexity"] == pytest.approx(expected, rel=1e-5)
     assert result.row.values["window"] == 32 and result.row.tokens_per_second > 0
     assert result.row.runtime == "transformers" and not result.cache_hit
+
+
+def test_transformers_runs_a_model_as_its_weights_are_stored_unless_told(settings, store, model_root, eval_root):
+    model = registered(store, model_root, "llama-base")  # stored in bfloat16
+    data = text_file(eval_root / "data" / "words.txt", "words.txt")
+    stored, as_float32 = (evaluate(store, [model], [data], Options(window=32, limit=2, parents=False, dtype=dtype)).results[0]
+                          for dtype in ("auto", "float32"))
+    assert stored.row.settings["dtype"] == "bfloat16" and as_float32.row.settings["dtype"] == "float32"
+    assert stored.row.values["perplexity"] != as_float32.row.values["perplexity"]
+    assert evaluate(store, [model], [data], Options(window=32, limit=2, parents=False, dtype="bfloat16")).results[0].cache_hit
 
 
 def test_perplexity_limit_counts_windows(settings, store, eval_root):
@@ -168,6 +178,31 @@ def test_batched_greedy_stops_each_sequence_at_its_end_of_sequence(eval_root):
     assert [lm.decode(new) for new in out] == ["w39 w40", "w12 w13 w14 w15 w16 w17", "w40"]
     assert out[0][-1] == eos and out[2][-1] == eos and len(out[1]) == 6
     assert out == [lm.greedy(prompt, 6) for prompt in prompts]
+
+
+def assert_guesses_change_no_token(lm, prompts: list[list[int]], budget: int) -> None:
+    """Guessed continuations (right, right then wrong, wrong, none, longer than the budget) and settling
+    change no greedy token: the output is the greedy continuation, or with ``settled`` a prefix of it."""
+    alone = [lm.greedy(prompt, budget) for prompt in prompts]
+    assert all(len(tokens) == budget for tokens in alone)
+
+    def wrong(token: int) -> int:
+        return 5 if token == 4 else 4
+
+    guesses = [alone[0], alone[1][:1] + [wrong(alone[1][1])] + alone[1][2:], [wrong(alone[2][0])] * 3, [], alone[4] + [4, 4]]
+    budgets = [budget] * len(prompts)
+    assert lm.greedy_batch(prompts, budgets, guesses=guesses) == alone
+    assert lm.greedy_batch(prompts, budgets, settled=lambda row, new: len(new) >= row) == [a[:max(row, 1)] for row, a in enumerate(alone)]
+    cut = lm.greedy_batch(prompts, budgets, guesses=guesses, settled=lambda row, new: True)
+    assert cut[0] == alone[0] and cut[1] == alone[1][:2] and cut[2] == alone[2][:1] and cut[3] == alone[3][:1]
+
+
+@pytest.mark.parametrize("name, seed", [("llama-base", 4), ("gemma3-base", 4), ("eval/llama-spm", 5)])  # no early end
+def test_guessed_continuations_change_no_greedy_token(model_root, eval_root, name, seed):
+    lm = Transformers().load(model_root / name, dtype="float32")
+    words = WORDS if name.endswith("spm") else [f"w{i}" for i in range(4, VOCAB)]
+    rng = random.Random(seed)
+    assert_guesses_change_no_token(lm, [lm.encode(" ".join(rng.choice(words) for _ in range(n)), special=True) for n in (3, 1, 6, 2, 4)], 4)
 
 
 def test_task_accuracy_is_the_same_in_any_batch_size(settings, store, eval_root):
@@ -381,7 +416,7 @@ def stored_gguf(store, source_dir: Path, tmp_path: Path, *, tokenizer: bool = Tr
 def gguf_report(store, eval_root, model, runtime: str):
     data = eval_root / "data"
     items = [text_file(data / "spm.txt", "spm.txt"), task_file(own_answers(eval_root, data), "own")]
-    return evaluate(store, [model], items, Options(window=32, runtime=runtime))
+    return evaluate(store, [model], items, Options(window=32, runtime=runtime, dtype="float32"))
 
 
 def own_answers(eval_root: Path, data: Path) -> Path:
@@ -415,7 +450,7 @@ def test_gguf_under_transformers_matches_its_source(settings, store, eval_root, 
 def test_gguf_without_a_tokenizer_borrows_the_sources(settings, store, eval_root, tmp_path):
     gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path, tokenizer=False)
     data = eval_root / "data"
-    result, kl = evaluate(store, [gguf], [text_file(data / "spm.txt", "spm.txt")], Options(window=32, runtime="transformers", parents=False)).results
+    result, kl = evaluate(store, [gguf], [text_file(data / "spm.txt", "spm.txt")], Options(window=32, runtime="transformers", parents=False, dtype="float32")).results
     assert kl.row.values["kl_divergence"] == pytest.approx(0, abs=1e-6) and kl.row.values["top1_agreement"] == 1.0
     assert result.row.values["perplexity"] == pytest.approx(hand_perplexity(eval_root / "llama-spm", (data / "spm.txt").read_text(), 32), rel=1e-5)
 
@@ -430,6 +465,16 @@ def test_gguf_under_llama_cpp_matches_its_source(settings, store, eval_root, tmp
     assert by["llama-spm-gguf", "own"].values["accuracy"] == 0.5
     [kl] = [r.row for r in report.results if r.row.metric == "kl_divergence"]  # an F32 GGUF: the same distributions
     assert kl.runtime == "llama.cpp" and kl.values["kl_divergence"] < 1e-4 and kl.values["top1_agreement"] > 0.99
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+def test_guessed_continuations_change_no_greedy_token_under_llama_cpp(settings, store, eval_root, tmp_path):
+    from merger.evaluation.runtimes import LlamaCpp
+
+    gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path)
+    lm = LlamaCpp().load(store.path_of(gguf), dtype="float32")
+    rng = random.Random(5)
+    assert_guesses_change_no_token(lm, [lm.encode(" ".join(rng.choice(WORDS) for _ in range(n)), special=True) for n in (3, 1, 6, 2, 4)], 4)
 
 
 def test_quantize_then_evaluate_compares_the_gguf_with_its_source(settings, store, eval_root):
@@ -480,7 +525,7 @@ def test_kl_divergence_of_a_quantized_model_matches_a_hand_computation(settings,
     shutil.copytree(model_root / "llama-ft1", tmp_path / "staged")  # stands in for a quantized copy of llama-base
     quantized = store.publish(tmp_path / "staged", name="ft1-as-quantized", parents=[Parent(source.id, "quantized", "base")])[0]
     path = eval_root / "data" / "words.txt"
-    report = evaluate(store, [quantized], [text_file(path, "words.txt")], Options(window=32, batch_size=3))
+    report = evaluate(store, [quantized], [text_file(path, "words.txt")], Options(window=32, batch_size=3, dtype="float32"))
     [data] = report.data
     values = report.result(quantized.id, data, "kl_divergence").row.values
     kl, top1, scored = hand_kl(model_root / "llama-base", model_root / "llama-ft1", path.read_text(), 32)
@@ -491,7 +536,7 @@ def test_kl_divergence_of_a_quantized_model_matches_a_hand_computation(settings,
     console.print(render(report))
     shown = console.export_text()
     assert "KL" in shown and "top-1" in shown and f"{kl:.4f}" in shown and f"{top1:.1%}" in shown
-    again = evaluate(store, [quantized], [text_file(path, "words.txt")], Options(window=32, batch_size=3))
+    again = evaluate(store, [quantized], [text_file(path, "words.txt")], Options(window=32, batch_size=3, dtype="float32"))
     assert all(r.cache_hit for r in again.results) and len(again.results) == 3
 
 

@@ -7,7 +7,10 @@
 - task accuracy: the prompt is tokenized as the model's tokenizer does (BOS added as it adds it), decoded
   greedily for (answer tokens + 1) new tokens; right when the decoded continuation (special tokens
   skipped) starts with the answer exactly. ``batch_size`` examples are decoded together (left-padded, each
-  stopping at its own length or end of sequence): the same tokens as one at a time.
+  stopping at its own length or end of sequence): the same tokens as one at a time. The answer's tokens are
+  a guess that one forward pass checks (greedy decoding picks them anyway, or the pass gives its first
+  other pick), and a continuation stops once its text starts with or departs from the answer, so a right
+  answer costs one pass, not one per token, and a wrong one stops where it goes wrong.
 - KL divergence (a quantized model against its unquantized source, on a perplexity text's windows as the
   source tokenizes them; the source runs once for all its quantized models): the
   mean over scored tokens of KL(source || quantized) of the next-token distributions, and the fraction of
@@ -43,33 +46,50 @@ class Measured:
 
 def perplexity(lm: "LoadedModel", text: str, *, window: int, limit: int | None, batch_size: int, step: Step) -> Measured:
     windows = perplexity_windows(lm, text, window)[:limit or None]
-    started, nll, scored = time.perf_counter(), 0.0, 0
+    started, nll = time.perf_counter(), 0.0
     step(0, len(windows))
     for start in range(0, len(windows), batch_size):
         for logprobs in lm.token_logprobs(windows[start:start + batch_size]):
             nll -= float(logprobs.double().sum())
-            scored += len(logprobs)
         step(min(start + batch_size, len(windows)), len(windows))
-    seconds = time.perf_counter() - started
-    values = {"perplexity": math.exp(nll / scored), "nll": nll / scored, "scored_tokens": scored,
-              "windows": len(windows), "window": len(windows[0])}
-    return Measured(values, sum(map(len, windows)), seconds)
+    return Measured(_perplexity_values(nll, windows), sum(map(len, windows)), time.perf_counter() - started)
+
+
+def _perplexity_values(nll: float, windows: list[list[int]]) -> dict:
+    scored = sum(len(ids) - 1 for ids in windows)
+    return {"perplexity": math.exp(nll / scored), "nll": nll / scored, "scored_tokens": scored, "windows": len(windows),
+            "window": len(windows[0])}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    kl: list[Measured]  # each model against the source
+    perplexity: list[Measured | None]  # each model's perplexity, where it cuts the text into the source's windows
+    source_perplexity: Measured
 
 
 def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str, *, window: int, limit: int | None,
-                  step: Step) -> list[Measured]:
+                  step: Step) -> Comparison:
     """How far each of ``models`` (quantized copies of ``source``) is from ``source`` on the perplexity windows
     (``source``'s tokenization): the mean KL(source || model) of the next-token distributions, and how often
-    their most likely tokens agree.
+    their most likely tokens agree. The same passes give the source's perplexity, and each model's where it
+    tokenizes the text as the source does.
 
     A window at a time: its distributions are length × vocabulary floats per model; the source's serve all.
     """
+    import torch
+
     windows = perplexity_windows(source, text, window)[:limit or None]
-    kl, agree, seconds = [0.0] * len(models), [0] * len(models), [0.0] * len(models)
+    same_windows = [perplexity_windows(lm, text, window)[:limit or None] == windows for lm in models]
+    kl, agree, nll, seconds = [0.0] * len(models), [0] * len(models), [0.0] * len(models), [0.0] * len(models)
+    source_nll, source_seconds = 0.0, 0.0
     step(0, len(windows))
     for done, ids in enumerate(windows, start=1):
         started = time.perf_counter()
         reference = source.next_token_logprobs(ids)
+        targets = torch.tensor(ids[1:])[:, None]
+        source_nll -= float(reference.gather(-1, targets).double().sum())
+        source_seconds += time.perf_counter() - started
         shared = (time.perf_counter() - started) / len(models)
         for i, lm in enumerate(models):
             started = time.perf_counter()
@@ -79,12 +99,15 @@ def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str,
                                 f"({reference.shape[-1]}); their distributions can't be compared")
             kl[i] += float((reference.exp() * (reference - logprobs)).sum(-1).double().sum())
             agree[i] += int((reference.argmax(-1) == logprobs.argmax(-1)).sum())
+            nll[i] -= float(logprobs.gather(-1, targets).double().sum())
             seconds[i] += shared + time.perf_counter() - started
         step(done, len(windows))
-    scored = sum(len(ids) - 1 for ids in windows)
-    return [Measured({"kl_divergence": kl[i] / scored, "top1_agreement": agree[i] / scored, "scored_tokens": scored,
-                      "windows": len(windows), "window": len(windows[0])}, sum(map(len, windows)), seconds[i])
-            for i in range(len(models))]
+    scored, tokens = sum(len(ids) - 1 for ids in windows), sum(map(len, windows))
+    return Comparison(
+        [Measured({"kl_divergence": kl[i] / scored, "top1_agreement": agree[i] / scored, "scored_tokens": scored,
+                   "windows": len(windows), "window": len(windows[0])}, tokens, seconds[i]) for i in range(len(models))],
+        [Measured(_perplexity_values(nll[i], windows), tokens, seconds[i]) if same_windows[i] else None for i in range(len(models))],
+        Measured(_perplexity_values(source_nll, windows), tokens, source_seconds))
 
 
 def perplexity_windows(lm: "LoadedModel", text: str, window: int) -> list[list[int]]:
@@ -107,19 +130,29 @@ def generation_accuracy(lm: "LoadedModel", examples: list[Generation], *, batch_
                         step: Step) -> Measured:
     started, right, tokens = time.perf_counter(), 0, 0
     prompts = [lm.encode(example.prompt, special=True) for example in examples]
-    budgets = [len(lm.encode(example.answer, special=False)) + 1 for example in examples]
+    answers = [lm.encode(example.answer, special=False) for example in examples]
+    budgets = [len(answer) + 1 for answer in answers]
     # examples of similar lengths decode together: less padding, and fewer rows that wait for the longest
     order = sorted(range(len(examples)), key=lambda i: (budgets[i], len(prompts[i])))
     step(0, len(examples))
     for batch in _batches(len(examples), batch_size):
         chosen = [order[i] for i in batch]
-        outputs = lm.greedy_batch([prompts[i] for i in chosen], [budgets[i] for i in chosen])
+        expected = [examples[i].answer for i in chosen]
+        settled = (lambda row, new: _decided(lm.decode(new), expected[row])) if lm.decodes_by_appending else None
+        outputs = lm.greedy_batch([prompts[i] for i in chosen], [budgets[i] for i in chosen],
+                                  guesses=[answers[i] for i in chosen], settled=settled)
         for i, new in zip(chosen, outputs, strict=True):
             right += lm.decode(new).startswith(examples[i].answer)
             tokens += len(prompts[i]) + len(new)
         step(batch.stop, len(examples))
     return Measured({"accuracy": right / len(examples), "right": right, "examples": len(examples)}, tokens,
                     time.perf_counter() - started)
+
+
+def _decided(text: str, answer: str) -> bool:
+    """Whether more tokens can change if ``text`` starts with ``answer``: not once it does, nor once it departs
+    from it (an incomplete UTF-8 character at its end, shown as U+FFFD, may still become the answer's)."""
+    return text.startswith(answer) or not answer.startswith(text.rstrip("\ufffd"))
 
 
 def choice_accuracy(lm: "LoadedModel", examples: list[Choice], *, batch_size: int = DEFAULT_BATCH, step: Step) -> Measured:

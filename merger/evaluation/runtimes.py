@@ -12,6 +12,11 @@ continuation. The metrics use only that, so every runtime is measured by the sam
 """
 
 import importlib.util
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 from importlib.metadata import version
@@ -24,8 +29,12 @@ from merger.errors import MergerError
 from merger.gguf_tools import native_stderr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_DTYPE = "float32"  # what transformers dequantizes a GGUF file to, unless told otherwise
 LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits one transformers forward pass may hold
 LLAMA_CPP_MAX_CONTEXT = 4096  # llama-cpp-python keeps logits for every position: context × vocabulary floats
+
+
+Settled = Callable[[int, list[int]], bool]
 
 
 class CannotEvaluate(MergerError):
@@ -35,6 +44,7 @@ class CannotEvaluate(MergerError):
 class LoadedModel(Protocol):
     runtime: str
     context_length: int
+    decodes_by_appending: bool  # decoding more tokens only appends text (no clean-up that rewrites what came before)
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         """Token ids; ``special``: add special tokens (BOS) as the model's tokenizer does."""
@@ -51,8 +61,15 @@ class LoadedModel(Protocol):
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of ``ids``: at most ``max_new_tokens``, ending at an end-of-sequence token."""
 
-    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
-        """``greedy`` of each prompt with its own budget, computed together where the runtime can."""
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int], *, guesses: list[list[int]] | None = None,
+                     settled: Settled | None = None) -> list[list[int]]:
+        """``greedy`` of each prompt with its own budget, computed together where the runtime can.
+
+        ``guesses``: a likely continuation of each prompt (a task's answer). One forward pass over prompt +
+        guess confirms every guessed token greedy decoding would pick, and gives the first one it would not:
+        a right guess costs one pass instead of one per token. ``settled(row, tokens)``: true once the
+        caller needs no more of that row (a prefix of its greedy continuation is returned).
+        """
 
 
 class Runtime(Protocol):
@@ -63,12 +80,57 @@ class Runtime(Protocol):
     def versions(self) -> dict[str, str]: ...
 
 
+@contextmanager
+def evaluation_threads():
+    """torch's thread count while evaluating: the cores no other runnable task wants (at least one).
+
+    On 2 cores that other work keeps busy (load 6), a forward pass with 2 OpenMP threads, each waiting at every
+    barrier for the other to get a core, took 10x the wall time of one thread (and 8x the CPU time)."""
+    before = torch.get_num_threads()
+    adapt_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def adapt_threads() -> None:
+    """Set torch's thread count to the cores idle now (``evaluation_threads`` calls it again between batches:
+    the load changes while an evaluation runs)."""
+    torch.set_num_threads(_idle_cores())
+
+
+def _idle_cores(samples: int = 3) -> int:
+    cores = len(os.sched_getaffinity(0))
+    try:
+        running = []
+        for _ in range(samples):  # /proc/loadavg's 4th field: runnable tasks now (this one included) / all
+            running.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
+            time.sleep(0.01)
+    except (OSError, IndexError, ValueError):  # not Linux
+        return cores
+    return max(1, min(cores, cores + 1 - round(statistics.median(running))))
+
+
 def gguf_file(model_dir: Path) -> Path | None:
     """The one ``*.gguf`` file of a GGUF model directory; None for other directories."""
     files = sorted(model_dir.glob("*.gguf"))
     if len(files) > 1:
         raise CannotEvaluate(f"{model_dir}: holds {len(files)} .gguf files; a GGUF model directory holds exactly one")
     return files[0] if files else None
+
+
+def stored_dtype(model_dir: Path) -> str:
+    """The dtype a model's weights are stored in, as its config.json says (float32 for a GGUF file, which
+    transformers dequantizes, and when the config names none merger runs in)."""
+    if gguf_file(model_dir) is not None:
+        return GGUF_DTYPE
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    named = config.get("dtype") or config.get("torch_dtype")
+    return named if named in DTYPES else "float32"
 
 
 def llama_cpp_available() -> bool:
@@ -100,6 +162,7 @@ class HFModel:
     def __init__(self, runtime: str, model, tokenizer):
         self.runtime, self.model, self.tokenizer = runtime, model.eval(), tokenizer
         self.context_length = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.decodes_by_appending = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special).input_ids
@@ -137,36 +200,100 @@ class HFModel:
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         return self.greedy_batch([ids], [max_new_tokens])[0]
 
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int], *, guesses: list[list[int]] | None = None,
+                     settled: Settled | None = None) -> list[list[int]]:
+        settled = settled or _never
+        eos = self._eos()
+        found = self._confirm(prompts, max_new_tokens, guesses, eos) if guesses else [[] for _ in prompts]
+        rest = [row for row, tokens in enumerate(found)
+                if not _finished(tokens, max_new_tokens[row], eos) and not (tokens and settled(row, tokens))]
+        if rest:
+            more = self._generate([prompts[row] + found[row] for row in rest], [max_new_tokens[row] - len(found[row]) for row in rest],
+                                  lambda i, tokens: settled(rest[i], found[rest[i]] + tokens), eos)
+            for row, tokens in zip(rest, more, strict=True):
+                found[row] = found[row] + tokens
+        return found
+
+    def _eos(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def _pad(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and attention mask, left-padded: every sequence ends in the last column."""
+        longest = max(map(len, sequences))
+        ids = torch.full((len(sequences), longest), self._pad(), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            ids[row, longest - len(seq):] = torch.tensor(seq)
+            mask[row, longest - len(seq):] = 1
+        return ids, mask
+
+    def _confirm(self, prompts: list[list[int]], budgets: list[int], guesses: list[list[int]], eos: set[int]) -> list[list[int]]:
+        """The start of each greedy continuation that one pass over prompt + guess gives: the guessed tokens
+        greedy decoding agrees with, then the token it picks instead (or after the whole guess)."""
+        guesses = [guess[:max(budget - 1, 0)] for guess, budget in zip(guesses, budgets, strict=True)]
+        vocabulary = self.model.get_output_embeddings().weight.shape[0]
+        per_pass = max(1, LOGITS_BUDGET_BYTES // ((max(map(len, guesses)) + 1) * vocabulary * 4))
+        found = []
+        for start in range(0, len(prompts), per_pass):
+            chunk = slice(start, start + per_pass)
+            picks = self._last_picks([p + g for p, g in zip(prompts[chunk], guesses[chunk])], max(map(len, guesses[chunk])) + 1)
+            for row, (guess, budget) in enumerate(zip(guesses[chunk], budgets[chunk])):
+                predicted = picks[row][len(picks[row]) - len(guess) - 1:]  # after the prompt, then after each guessed token
+                agreed = next((i for i, (g, p) in enumerate(zip(guess, predicted)) if g != p), len(guess))
+                found.append(_through_first(predicted[:min(agreed + 1, budget)], eos))
+        return found
+
     @torch.inference_mode()
-    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+    def _last_picks(self, sequences: list[list[int]], keep: int) -> list[list[int]]:
+        """The most likely next token at each of the last ``keep`` positions of each (left-padded) sequence;
+        the output layer runs on those positions only."""
+        ids, mask = self._left_padded(sequences)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        return logits[:, -keep:].argmax(-1).tolist()
+
+    @torch.inference_mode()
+    def _generate(self, prompts: list[list[int]], budgets: list[int], settled: Settled, eos: set[int]) -> list[list[int]]:
         from transformers import StoppingCriteriaList
 
-        longest = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):  # left-padded: every prompt ends where its continuation starts
-            ids[row, longest - len(prompt):] = torch.tensor(prompt)
-            mask[row, longest - len(prompt):] = 1
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max(max_new_tokens), do_sample=False,
-                                  pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_OwnBudgets(longest, max_new_tokens)]))
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        return [_through_first(out[row, longest:longest + budget].tolist(), eos) for row, budget in enumerate(max_new_tokens)]
+        ids, mask = self._left_padded(prompts)
+        done = _Done(ids.shape[1], budgets, settled, eos)
+        self.model.generate(ids, attention_mask=mask, max_new_tokens=max(budgets), do_sample=False,
+                            pad_token_id=self._pad(), stopping_criteria=StoppingCriteriaList([done]))
+        return done.tokens
 
 
-class _OwnBudgets:
-    """A stopping criterion: each sequence is done once it has its own number of new tokens."""
+class _Done:
+    """A stopping criterion: a sequence is done at its own number of new tokens, at an end-of-sequence token, or
+    once ``settled``; ``tokens`` keeps each sequence's new tokens up to there (what follows in a batch is padding)."""
 
-    def __init__(self, prompt_length: int, budgets: list[int]):
-        self.prompt_length, self.budgets = prompt_length, torch.tensor(budgets)
+    def __init__(self, prompt_length: int, budgets: list[int], settled: Settled, eos: set[int]):
+        self.prompt_length, self.budgets, self.settled, self.eos = prompt_length, budgets, settled, eos
+        self.tokens: list[list[int]] = [[] for _ in budgets]
+        self.finished = [False] * len(budgets)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return input_ids.shape[1] - self.prompt_length >= self.budgets
+        for row, new in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            if not self.finished[row]:
+                self.tokens[row] = new
+                self.finished[row] = _finished(new, self.budgets[row], self.eos) or self.settled(row, new)
+        return torch.tensor(self.finished)
+
+
+def _never(row: int, tokens: list[int]) -> bool:
+    return False
+
+
+def _finished(tokens: list[int], budget: int, stops: set[int]) -> bool:
+    return len(tokens) >= budget or bool(tokens) and tokens[-1] in stops
 
 
 def _through_first(tokens: list[int], stops: set[int]) -> list[int]:
-    """``tokens`` up to and including the first of ``stops`` (what follows it in a batch is padding)."""
+    """``tokens`` up to and including the first of ``stops``."""
     return next((tokens[: i + 1] for i, token in enumerate(tokens) if token in stops), tokens)
 
 
@@ -245,6 +372,7 @@ class LlamaCppModel:
 
         self.runtime, self.llm = LlamaCpp.name, llm
         self.context_length = llm.n_ctx()
+        self.decodes_by_appending = True
         self._vocab = llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
 
@@ -265,20 +393,32 @@ class LlamaCppModel:
         return torch.log_softmax(torch.from_numpy(self.llm.scores[: len(ids) - 1].copy()), dim=-1)
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        self._check_fits(len(ids) + max_new_tokens)
-        self.llm.reset()
-        self.llm.eval(ids)
-        new: list[int] = []
-        while len(new) < max_new_tokens:
-            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
-            new.append(token)
-            if self._is_eog(self._vocab, token):
-                break
-            self.llm.eval([token])
-        return new
+        return self.greedy_batch([ids], [max_new_tokens])[0]
 
-    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
-        return [self.greedy(ids, budget) for ids, budget in zip(prompts, max_new_tokens, strict=True)]
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int], *, guesses: list[list[int]] | None = None,
+                     settled: Settled | None = None) -> list[list[int]]:
+        settled = settled or _never
+        return [self._greedy(ids, budget, guess, partial(settled, row))
+                for row, (ids, budget, guess) in enumerate(zip(prompts, max_new_tokens, guesses or [[]] * len(prompts), strict=True))]
+
+    def _greedy(self, ids: list[int], max_new_tokens: int, guess: list[int], settled: Callable[[list[int]], bool]) -> list[int]:
+        self._check_fits(len(ids) + max_new_tokens)
+        guess = list(guess[:max(max_new_tokens - 1, 0)])
+        self.llm.reset()
+        self.llm.eval(ids + guess)
+        predicted = self.llm.scores[len(ids) - 1:len(ids) + len(guess)].argmax(-1).tolist()
+        agreed = next((i for i, (g, p) in enumerate(zip(guess, predicted)) if g != p), len(guess))
+        new = predicted[:min(agreed + 1, max_new_tokens)]
+        ends = next((i for i, token in enumerate(new) if self._is_eog(self._vocab, token)), None)
+        if ends is not None:
+            return new[:ends + 1]
+        self.llm.n_tokens = len(ids) + len(new) - 1  # the next eval drops the cache beyond: the guess's rejected tail
+        while new and len(new) < max_new_tokens and not settled(new):
+            self.llm.eval(new[-1:])
+            new.append(int(self.llm.scores[self.llm.n_tokens - 1].argmax()))
+            if self._is_eog(self._vocab, new[-1]):
+                break
+        return new
 
     def _check_fits(self, length: int) -> None:
         if length > self.context_length:

@@ -4,7 +4,8 @@
 donor; adapters are not standalone models), and for a quantized model its unquantized source and the
 source's parents. ``evaluate`` measures each subject on each data file, unless a stored result has the
 same key (model id, metric, data sha256, settings, runtime, software versions): re-evaluating the parents
-for another merge is free.
+for another merge is free. On a perplexity text, the passes that compare quantized models with their source
+(KL divergence) also give the source's perplexity and theirs: each model runs over the text once.
 """
 
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from merger.db import EvaluationRow, ModelRow
 from merger.errors import Cancelled
 from merger.evaluation import harness, metrics
 from merger.evaluation.datasets import GENERATION, KL_DIVERGENCE, LM_EVAL, PERPLEXITY, DataError, DataFile, read_examples, read_text
-from merger.evaluation.runtimes import CannotEvaluate, LlamaCpp, LoadedModel, Runtime, Transformers, TransformersGGUF, runtime_for
+from merger.evaluation.runtimes import (CannotEvaluate, LlamaCpp, LoadedModel, Runtime, Transformers, TransformersGGUF, adapt_threads,
+                                       evaluation_threads, runtime_for, stored_dtype)
 from merger.hashing import digest_json
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
 from merger.store import Store
@@ -27,7 +29,7 @@ MODEL_ROLES = ("base", "donor")
 class Options:
     limit: int | None = None  # examples per task file, windows of text, documents of an lm-eval task
     parents: bool = True
-    dtype: str = "float32"  # transformers runtimes
+    dtype: str = "auto"  # transformers runtimes; auto: as the weights are stored (see runtimes.stored_dtype)
     runtime: str = "auto"  # auto | transformers | llama.cpp (GGUF models)
     window: int = 512  # perplexity window, in tokens
     batch_size: int = metrics.DEFAULT_BATCH  # sequences per forward pass: windows, examples, lm-eval requests
@@ -112,54 +114,107 @@ def evaluate(store: Store, models: list[ModelRow], data: list[DataFile], options
              should_cancel: CancelCheck = never_cancel) -> Report:
     """Measure every subject on every data file (cached results are reused unless ``force``); then compare
     each quantized subject with its unquantized source on each perplexity text (KL divergence)."""
+    with evaluation_threads():
+        return _evaluate(store, models, data, options, stage, force, report, should_cancel)
+
+
+@dataclass(frozen=True)
+class _Todo:
+    """A measurement no stored result has: its subject, data, metric, runtime, cache key, transformers dtype."""
+
+    subject: Subject
+    item: DataFile
+    metric: str
+    runtime: Runtime
+    key: str
+    dtype: str
+
+
+@dataclass
+class _Comparison:
+    """Quantized models of one source on one text, with the perplexities the same passes give."""
+
+    source_id: str
+    item: DataFile
+    kl: list[_Todo]
+    perplexity: list[_Todo | None]  # each quantized model's, where it is still to measure
+    source_perplexity: _Todo | None
+
+
+def _evaluate(store: Store, models: list[ModelRow], data: list[DataFile], options: Options, stage: str, force: bool,
+              report: Reporter, should_cancel: CancelCheck) -> Report:
     out = Report(data, subjects(store, models, parents=options.parents))
-    comparisons: dict[tuple[str, DataFile], list[tuple[Subject, Runtime, str]]] = {}  # by (source id, text)
+    todo: list[_Todo] = []
     for subject in out.subjects:
         model_dir = store.path_of(subject.model)
         if not model_dir.is_dir():
             raise CannotEvaluate(f"{_name(subject.model)}: its files are gone ({model_dir})")
-        plans = [(item, metric, _runtime(model_dir, item, options)) for item in data for metric in _metrics(item, subject)]
-        todo: dict[str, list[tuple[DataFile, str]]] = {}
-        for item, metric, runtime in plans:
-            key = _key(subject, item, metric, runtime, options)
-            cached = None if force else store.evaluation(key)
-            if cached is not None:
-                out.results.append(Result(subject, item, cached, True))
-            elif metric == KL_DIVERGENCE:
-                comparisons.setdefault((subject.source_id, item), []).append((subject, runtime, key))
-            else:
-                todo.setdefault(runtime.name, []).append((item, key))
-        runtimes = {runtime.name: runtime for _, _, runtime in plans}
-        for name, items in todo.items():
-            lm = runtimes[name].load(model_dir, dtype=options.dtype, tokenizer_dir=subject.tokenizer_dir)
-            for item, key in items:
-                step = _stepper(stage, f"{_name(subject.model)} · {item.label}", item.metric, report, should_cancel)
-                measured = _measure(lm, item, options, step, store)
-                row = _row(key, subject, item, item.metric, runtimes[name], options, measured)
-                store.save_evaluation(row)
-                out.results.append(Result(subject, item, row, False))
+        dtype = _dtype(model_dir, options)
+        for item in data:
+            for metric in _metrics(item, subject):
+                runtime = _runtime(model_dir, item, options)
+                key = _key(subject, item, metric, runtime, options, dtype)
+                cached = None if force else store.evaluation(key)
+                if cached is not None:
+                    out.results.append(Result(subject, item, cached, True))
+                else:
+                    todo.append(_Todo(subject, item, metric, runtime, key, dtype))
+    comparisons, todo = _comparisons(todo)
+    for subject in out.subjects:
+        mine = [t for t in todo if t.subject is subject]
+        for name in dict.fromkeys(t.runtime.name for t in mine):
+            runtime = next(t.runtime for t in mine if t.runtime.name == name)
+            model_dir = store.path_of(subject.model)
+            lm = runtime.load(model_dir, dtype=_dtype(model_dir, options), tokenizer_dir=subject.tokenizer_dir)
+            for t in (t for t in mine if t.runtime.name == name):
+                step = _stepper(stage, f"{_name(subject.model)} · {t.item.label}", t.metric, report, should_cancel)
+                out.results.append(_saved(store, t, options, _measure(lm, t.item, options, step, store)))
             del lm
-    for (source_id, item), quantized in comparisons.items():
-        out.results += _compare(store, store.get(source_id), item, quantized, options,
-                                _stepper(stage, f"KL from {_name(store.get(source_id))} · {item.label}", KL_DIVERGENCE, report, should_cancel))
+    for comparison in comparisons:
+        source = store.get(comparison.source_id)
+        out.results += _compare(store, source, comparison, options,
+                                _stepper(stage, f"KL from {_name(source)} · {comparison.item.label}", KL_DIVERGENCE, report, should_cancel))
     return out
 
 
-def _compare(store: Store, source: ModelRow, item: DataFile, quantized: list[tuple[Subject, Runtime, str]], options: Options,
-             step: metrics.Step) -> list[Result]:
+def _comparisons(todo: list[_Todo]) -> tuple[list[_Comparison], list[_Todo]]:
+    """The KL divergences to measure, grouped by source and text, each group taking the perplexities on its
+    text of its quantized models and of the source; and what is left to measure model by model."""
+    perplexities = {(t.subject.model.id, t.item): t for t in todo if t.metric == PERPLEXITY}
+    groups: dict[tuple[str, DataFile], _Comparison] = {}
+    for t in todo:
+        if t.metric == KL_DIVERGENCE:
+            group = groups.setdefault((t.subject.source_id, t.item), _Comparison(t.subject.source_id, t.item, [], [], None))
+            group.kl.append(t)
+            group.perplexity.append(perplexities.pop((t.subject.model.id, t.item), None))
+    for (source_id, item), group in groups.items():
+        group.source_perplexity = perplexities.pop((source_id, item), None)
+    rest = [t for t in todo if t.metric != KL_DIVERGENCE and (t.metric != PERPLEXITY or (t.subject.model.id, t.item) in perplexities)]
+    return list(groups.values()), rest
+
+
+def _saved(store: Store, todo: _Todo, options: Options, measured: metrics.Measured) -> Result:
+    row = _row(todo.key, todo.subject, todo.item, todo.metric, todo.runtime, options, todo.dtype, measured)
+    store.save_evaluation(row)
+    return Result(todo.subject, todo.item, row, False)
+
+
+def _compare(store: Store, source: ModelRow, comparison: _Comparison, options: Options, step: metrics.Step) -> list[Result]:
     """Every quantized model of one source against it on one text, all loaded at once: the source runs once."""
-    reference = Transformers().load(store.path_of(source), dtype=options.dtype)
-    lms = [runtime.load(store.path_of(subject.model), dtype=options.dtype, tokenizer_dir=subject.tokenizer_dir)
-           for subject, runtime, _ in quantized]
+    reference = Transformers().load(store.path_of(source), dtype=_dtype(store.path_of(source), options))
+    lms = [t.runtime.load(store.path_of(t.subject.model), dtype=t.dtype, tokenizer_dir=t.subject.tokenizer_dir) for t in comparison.kl]
+    text = read_text(comparison.item.path)
     try:
-        measured = metrics.kl_divergence(reference, lms, read_text(item.path), window=options.window, limit=options.limit, step=step)
+        measured = metrics.kl_divergence(reference, lms, text, window=options.window, limit=options.limit, step=step)
+        results = [] if comparison.source_perplexity is None else [_saved(store, comparison.source_perplexity, options, measured.source_perplexity)]
+        for kl, perplexity, lm, kl_measured, perplexity_measured in zip(comparison.kl, comparison.perplexity, lms, measured.kl,
+                                                                        measured.perplexity, strict=True):
+            if perplexity is not None:  # a model that cuts the text into other windows than its source is measured on its own
+                results.append(_saved(store, perplexity, options, perplexity_measured or metrics.perplexity(
+                    lm, text, window=options.window, limit=options.limit, batch_size=options.batch_size, step=lambda *_: None)))
+            results.append(_saved(store, kl, options, kl_measured))
     except DataError as exc:
-        raise DataError(f"{item.path}: {exc}") from None
-    results = []
-    for (subject, runtime, key), one in zip(quantized, measured, strict=True):
-        row = _row(key, subject, item, KL_DIVERGENCE, runtime, options, one)
-        store.save_evaluation(row)
-        results.append(Result(subject, item, row, False))
+        raise DataError(f"{comparison.item.path}: {exc}") from None
     return results
 
 
@@ -175,12 +230,16 @@ def _runtime(model_dir: Path, item: DataFile, options: Options) -> Runtime:
     return runtime
 
 
-def _settings(subject: Subject, metric: str, runtime: Runtime, options: Options) -> dict:
-    settings = {} if isinstance(runtime, LlamaCpp) else {"dtype": options.dtype}
+def _dtype(model_dir: Path, options: Options) -> str:
+    return stored_dtype(model_dir) if options.dtype == "auto" else options.dtype
+
+
+def _settings(subject: Subject, metric: str, runtime: Runtime, options: Options, dtype: str) -> dict:
+    settings = {} if isinstance(runtime, LlamaCpp) else {"dtype": dtype}
     if metric in (PERPLEXITY, KL_DIVERGENCE):
         settings["window"] = options.window
     if metric == KL_DIVERGENCE:
-        settings |= {"source": subject.source_id, "source_dtype": options.dtype}
+        settings |= {"source": subject.source_id, "source_dtype": _dtype(subject.tokenizer_dir, options)}
     return settings
 
 
@@ -189,17 +248,17 @@ def _versions(metric: str, runtime: Runtime) -> dict[str, str]:
     return {"merger": __version__, **runtime.versions(), **extra}
 
 
-def _key(subject: Subject, item: DataFile, metric: str, runtime: Runtime, options: Options) -> str:
+def _key(subject: Subject, item: DataFile, metric: str, runtime: Runtime, options: Options, dtype: str) -> str:
     return digest_json({"model": subject.model.id, "metric": metric, "data": item.sha256, "limit": options.limit,
-                        "settings": _settings(subject, metric, runtime, options), "runtime": runtime.name,
+                        "settings": _settings(subject, metric, runtime, options, dtype), "runtime": runtime.name,
                         "versions": _versions(metric, runtime)})
 
 
-def _row(key: str, subject: Subject, item: DataFile, metric: str, runtime: Runtime, options: Options,
+def _row(key: str, subject: Subject, item: DataFile, metric: str, runtime: Runtime, options: Options, dtype: str,
          measured: metrics.Measured) -> EvaluationRow:
     speed = measured.tokens / measured.seconds if measured.tokens and measured.seconds > 0 else None
     return EvaluationRow(cache_key=key, model_id=subject.model.id, metric=metric, dataset=item.label, dataset_sha256=item.sha256,
-                         limit=options.limit, settings=_settings(subject, metric, runtime, options), runtime=runtime.name,
+                         limit=options.limit, settings=_settings(subject, metric, runtime, options, dtype), runtime=runtime.name,
                          values=measured.values, tokens_per_second=speed, seconds=measured.seconds,
                          versions=_versions(metric, runtime))
 
@@ -226,6 +285,7 @@ def _stepper(stage: str, what: str, metric: str, report: Reporter, should_cancel
 
     def step(done: int, total: int) -> None:
         report(ProgressEvent(stage, "progress", done, total, unit=unit))
+        adapt_threads()
         if should_cancel():
             raise Cancelled(f"evaluation cancelled ({what})")
 
