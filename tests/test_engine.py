@@ -199,16 +199,21 @@ def test_frozen_tensors(method, families, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_skipped_draws_advance_the_generator_as_dare_does(dtype, monkeypatch):
-    from merger.engine import sparsify
+def test_draws_replay_torch_bernoulli(dtype):
+    """DARE's masks drawn run by run from a captured state, and draws skipped, leave what torch.bernoulli does."""
+    from merger.engine.draws import Stream
 
-    monkeypatch.setattr(sparsify, "DRAW_ELEMENTS", 1000)
-    torch.manual_seed(3)
-    sparsify.random(torch.ones(2500, dtype=dtype), 0.3, True)
-    expected = torch.rand(8)
-    torch.manual_seed(3)
-    sparsify.skip_draws(2500, dtype, "cpu", 0.3)
-    assert torch.equal(torch.rand(8), expected)
+    for density in (0.5, 0.3, 0.123457, 1e-9):
+        torch.manual_seed(3)
+        stream = Stream(torch.get_rng_state())
+        expected = torch.bernoulli(torch.full((2500,), density, dtype=dtype))
+        torch.bernoulli(torch.full((1001,), density, dtype=dtype))
+        after = torch.rand(8)
+        drawn = torch.cat([stream.bernoulli(700, density, dtype), stream.bernoulli(1800, density, dtype)])
+        stream.skip(1001)
+        torch.set_rng_state(stream.torch_state())
+        assert torch.equal(drawn, expected), density
+        assert torch.equal(torch.rand(8), after), density
 
 
 @pytest.mark.parametrize("prefix,method", [("gemma3", "linear"), ("gemma3", "task_arithmetic"), ("gemma3", "ties"),
@@ -216,11 +221,10 @@ def test_skipped_draws_advance_the_generator_as_dare_does(dtype, monkeypatch):
                                            ("frozen", "dare_ties")])
 def test_merges_in_parts(prefix, method, families, tmp_path, monkeypatch):
     """Large tensors are read, merged and written a run of elements at a time (slerp: a run of its own chunks),
-    a frozen tensor's draws made a run at a time: the same bytes."""
-    from merger.engine import sparsify, stream
+    DARE's masks drawn a run at a time: the same bytes."""
+    from merger.engine import stream
 
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 333)  # tiny: every matrix is split, unevenly
-    monkeypatch.setattr(sparsify, "DRAW_ELEMENTS", 333)
     ours, theirs = run_both(configs(prefix)[method], families, tmp_path)
     largest = max(t.numel() for t in load_file(ours / "model.safetensors").values())
     assert largest > 2 * (SLERP_CHUNK if method == "slerp" else 333)

@@ -178,6 +178,11 @@ class TaskArithmetic:
             out.write(self._combine(flat[:, span], base[span], weights, shared), span.start)
 
     def _combine(self, deltas: torch.Tensor, base: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:
+        if self.consensus and len(deltas) == 2 and base.dtype == torch.bfloat16 and base.device.type == "cpu" and shared["lambda"] == 1:
+            from merger.engine.bf16 import ties_combine  # numba compiles (or loads its cache) on first use
+
+            if (fused := ties_combine(deltas, base, weights, shared["normalize"])) is not None:
+                return fused
         return (base + self._mixed(deltas, weights, shared)).to(base.dtype)
 
     def _mixed(self, deltas: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Plan a merge from the inputs' headers, then stream it: one output tensor at a time, in mergekit's order
 (tensor names sorted), each input tensor read when needed and each result written straight to its place."""
 
+import ctypes
 import json
 import shutil
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from merger.engine.safetensors_io import PlannedFile, StoredTensor, TensorSpec, 
 from merger.engine.stream import Inputs, Output
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MAX_SHARD_BYTES = 5 * 1000**3  # mergekit's default out_shard_size
 # what mergekit copies as the tokenizer when the config has no tokenizer section
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -96,6 +98,7 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
     shards = merge.shards()
     files = [PlannedFile(out_dir / name, {t.name: t.spec for t in shard}) for name, shard in zip(_shard_names(len(shards)), shards)]
     where = {t.name: f for f, shard in zip(files, shards) for t in shard}
+    _large_allocations_unmapped()
     load_dtype = _dtype(config.dtype)
     base_index = config.models.index(config.base) if config.base is not None and method.needs_base else None
     try:
@@ -153,6 +156,16 @@ def _write_config(merge: MergePlan, out_dir: Path) -> None:
         config.pop("torch_dtype", None)
         config["dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _large_allocations_unmapped(threshold: int = 1024 * 1024) -> None:
+    """Runs of a large tensor come and go in several sizes; glibc's heap keeps what they free (its mmap threshold
+    rises to the largest block freed), which grew RSS by a gigabyte over slerp's passes on a 168M-element
+    embedding. A fixed threshold maps each large block and returns it on free."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except OSError:  # not glibc
+        pass
 
 
 @contextmanager

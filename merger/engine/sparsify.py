@@ -13,7 +13,6 @@ import torch
 from merger.engine.topk import top_k_mask
 
 RESCALE_EPS = 1e-7
-DRAW_ELEMENTS = 4 * 1024 * 1024  # per call when only the draws matter
 
 
 def _masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
@@ -93,15 +92,16 @@ class Selection:
 
     def rescale(self, runs: Runs, numel: int, device) -> "Selection":
         """``_masked``'s rescaling: the two L1 norms are torch sums over the whole task vector, so each is taken
-        over a whole buffer of magnitudes, filled run by run."""
+        over a whole buffer of magnitudes, filled run by run (|delta * mask| is |delta| * mask: masks are 0 or 1)."""
         if self.keep_all or self.masks is None:
             return self
-        buffer = torch.empty(numel, dtype=self.work, device=device)
+        buffer, spans = torch.empty(numel, dtype=self.work, device=device), []
         for span, delta in runs():
             torch.abs(delta.to(self.work), out=buffer[span])
+            spans.append(span)
         before = buffer.sum()
-        for span, delta in runs():
-            torch.abs(delta.to(self.work) * self.masks(span), out=buffer[span])
+        for span in spans:
+            buffer[span].mul_(self.masks(span))
         after = buffer.sum()
         if not (before < RESCALE_EPS or after < RESCALE_EPS):
             self.ratio = before / after
@@ -109,17 +109,19 @@ class Selection:
 
 
 class _Draws:
-    """DARE's masks, run by run, from a copy of the generator as it was before the task vector's draws; each pass
+    """DARE's masks, run by run, replayed from the generator's state before the task vector's draws; each pass
     (starting at element 0) draws the same masks again."""
 
     def __init__(self, state: torch.Tensor, density: float, work: torch.dtype):
-        self.state, self.density, self.work = state, density, work
-        self.generator = torch.Generator()
+        from merger.engine.draws import Stream  # numba, on first use
+
+        self.state, self.density, self.work, self.new_stream = state, density, work, Stream
+        self.stream = Stream(state)
 
     def __call__(self, span: slice) -> torch.Tensor:
         if span.start == 0:
-            self.generator.set_state(self.state)
-        return torch.bernoulli(torch.full((span.stop - span.start,), self.density, dtype=self.work), generator=self.generator)
+            self.stream = self.new_stream(self.state)
+        return self.stream.bernoulli(span.stop - span.start, self.density, self.work)
 
 
 def _magnitudes(runs: Runs, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -151,26 +153,29 @@ def select_random(runs: Runs, numel: int, dtype: torch.dtype, device, density: f
     """DARE on the CPU: the global generator ends where drawing the whole mask at once leaves it."""
     if density >= 1:
         return Selection(None, dtype, keep_all=True)
-    work = _draw_dtype(dtype, torch.device(device))
-    draws = _Draws(torch.get_rng_state(), density, work)
-    selection = Selection(draws, work)
+    draws = _Draws(torch.get_rng_state(), density, _draw_dtype(dtype, torch.device(device)))
+    selection = Selection(draws, draws.work)
     if rescale:
         selection.rescale(runs, numel, device)
-        torch.set_rng_state(draws.generator.get_state())
     else:
-        skip_draws(numel, dtype, device, density)
+        draws.stream.skip(numel)
+    torch.set_rng_state(draws.stream.torch_state())
     return selection
 
 
 def skip_draws(numel: int, dtype: torch.dtype, device, density: float) -> None:
     """Advance the global generator as ``random`` does on a task vector of ``numel`` elements (one draw per
-    element, in order: on the CPU the same draws in runs), without keeping them."""
+    element), without drawing on the CPU."""
     if density >= 1:
         return
-    work = _draw_dtype(dtype, torch.device(device))
-    step = DRAW_ELEMENTS if torch.device(device).type == "cpu" else max(numel, 1)
-    for start in range(0, numel, step):
-        torch.bernoulli(torch.full((min(step, numel - start),), density, dtype=work, device=device))
+    if torch.device(device).type == "cpu":
+        from merger.engine.draws import Stream  # numba, on first use
+
+        stream = Stream(torch.get_rng_state())
+        stream.skip(numel)
+        torch.set_rng_state(stream.torch_state())
+    else:
+        torch.bernoulli(torch.full((numel,), density, dtype=_draw_dtype(dtype, torch.device(device)), device=device))
 
 
 @dataclass(frozen=True)
