@@ -1,5 +1,7 @@
-"""Merge methods as functions of tensors, computing exactly what mergekit 0.1.5 computes (same torch operations
-in the same order and dtypes, so the results are bit-identical). Variants of task arithmetic are data."""
+"""Merge methods, computing exactly what mergekit 0.1.5 computes (the same torch operations in the same order and
+dtypes; TIES's combining step on bfloat16 in one compiled loop that rounds where they round), so the results are
+bit-identical. Each runs on one output tensor, reading runs of its inputs in as many passes as it needs.
+Variants of task arithmetic are data."""
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
