@@ -218,7 +218,7 @@ def test_draws_replay_torch_bernoulli(dtype):
 
 @pytest.mark.parametrize("prefix,method", [("gemma3", "linear"), ("gemma3", "task_arithmetic"), ("gemma3", "ties"),
                                            ("gemma3", "dare_ties"), ("gemma3", "breadcrumbs_ties"), ("wide", "slerp"),
-                                           ("frozen", "dare_ties")])
+                                           ("wide", "dare_ties"), ("frozen", "dare_ties")])
 def test_merges_in_parts(prefix, method, families, tmp_path, monkeypatch):
     """Large tensors are read, merged and written a run of elements at a time (slerp: a run of its own chunks),
     DARE's masks drawn a run at a time: the same bytes."""

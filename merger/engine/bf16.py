@@ -2,7 +2,8 @@
 CPU kernels round: each torch op computes in float32 and rounds its result to bfloat16 (nearest, ties to even);
 sums over the models' axis accumulate in float32 from +0.0, in model order. Two task vectors, finite results
 only: a NaN anywhere (whose bits torch's vectorized and scalar paths spell differently) makes it decline, and
-the torch ops run instead."""
+the torch ops run instead. Serial on purpose: a numba ``parallel`` loop changed the OpenMP thread count torch's
+later reductions ran with, and DARE's rescaling sums (single-threaded in mergekit -j 1) came out different."""
 
 import numba
 import numpy as np
@@ -22,10 +23,10 @@ def _round(value: np.float32) -> np.float32:
     return bits.view(np.float32)
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)
 def _ties_combine(first, second, base, weight_first, weight_second, normalize, out) -> bool:
     failed = 0
-    for j in numba.prange(len(out)):
+    for j in range(len(out)):
         a = _round(_widen(first[j]) * weight_first)  # deltas.mul_(weights)
         b = _round(_widen(second[j]) * weight_second)
         positive = _round(_ZERO + a + b) >= _ZERO  # the elected sign: sum >= 0
