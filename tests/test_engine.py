@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merger.engine import Unsupported, execute, prepare
+from merger.engine.methods import SLERP_CHUNK
 from merger.engine.topk import argsort_mask, top_k_mask
 from tests.tiny_models import make_family, write_yaml
 
@@ -22,13 +23,16 @@ SEED = 23
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory) -> Path:
-    """bf16 Gemma 3 and Llama families, a float32 copy of the Gemma one, and a Gemma family with planted ties."""
+    """bf16 Gemma 3 and Llama families, a float32 copy of the Gemma one, a Gemma family with planted ties, one with
+    an embedding of several million elements (``wide``), and a copy of it whose fine-tunes left it frozen."""
     root = tmp_path_factory.mktemp("engine-models")
     for arch in ("gemma3", "llama"):
         make_family(root, arch, seed=5)
     for member in ("base", "ft1", "ft2"):
         _float32_copy(root / f"gemma3-{member}", root / f"f32-{member}")
     _plant_ties(root)
+    make_family(root, "gemma3", seed=7, prefix="wide", vocab_size=8192, hidden_size=320)
+    _freeze(root)
     return root
 
 
@@ -52,6 +56,18 @@ def _plant_ties(root: Path) -> None:
                  for k, v in tensors.items()}
         save_file(tuned, root / f"tied-ft{i}" / "model.safetensors", metadata={"format": "pt"})
     shutil.copytree(base, root / "tied-base")
+
+
+def _freeze(root: Path) -> None:
+    """``frozen``: the wide family whose fine-tunes kept the base's embedding and norms (as LoRA fine-tunes do); the
+    base's embedding holds some -0.0, which ``base + 0.0`` turns into +0.0."""
+    base = load_file(root / "wide-base" / "model.safetensors")
+    base["model.embed_tokens.weight"][::7, ::5] = -0.0
+    for member in ("base", "ft1", "ft2"):
+        shutil.copytree(root / f"wide-{member}", root / f"frozen-{member}")
+        tensors = load_file(root / f"wide-{member}" / "model.safetensors")
+        frozen = {k: (base[k] if k == "model.embed_tokens.weight" or "norm" in k else v) for k, v in tensors.items()}
+        save_file(frozen, root / f"frozen-{member}" / "model.safetensors", metadata={"format": "pt"})
 
 
 def configs(prefix: str) -> dict[str, dict]:
@@ -169,15 +185,47 @@ def test_unsupported_architecture_goes_to_mergekit(families, tmp_path):
         prepare(merge, {"a": odd, "b": families / "gemma3-ft2"})
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties"])
-def test_merges_in_parts(method, families, tmp_path, monkeypatch):
-    """Large tensors are merged a part at a time (rows read for elementwise methods, runs of elements of task
-    arithmetic's combining step): the same bytes."""
-    from merger.engine import methods, run
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "slerp"])
+def test_frozen_tensors(method, families, tmp_path):
+    """Tensors every fine-tune left as the base's (embedding, norms): the same bytes, DARE's later masks too (the
+    frozen embedding's draws are still made); a negative weight makes the task vectors' sum -0.0."""
+    config = configs("frozen")[method]
+    if method != "slerp":
+        config["models"][1]["parameters"]["weight"] = -0.4
+    ours, theirs = run_both(config, families, tmp_path)
+    assert_same_output(ours, theirs)
+    merged = load_file(ours / "model.safetensors")["model.embed_tokens.weight"]
+    assert merged.numel() > 2 * SLERP_CHUNK
 
-    monkeypatch.setattr(run, "CHUNK_BYTES", 700)  # tiny: every matrix is split, unevenly
-    monkeypatch.setattr(methods, "COMBINE_ELEMENTS", 333)
-    ours, theirs = run_both(configs("gemma3")[method], families, tmp_path)
-    assert len(run._row_chunks(prepare(absolute(configs("gemma3")["linear"], families), {
-        str(families / f"gemma3-{m}"): families / f"gemma3-{m}" for m in ("ft1", "ft2")}).tensors[0], True)) > 2
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_draws_replay_torch_bernoulli(dtype):
+    """DARE's masks drawn run by run from a captured state, and draws skipped, leave what torch.bernoulli does."""
+    from merger.engine.draws import Stream
+
+    for density in (0.5, 0.3, 0.123457, 1e-9):
+        torch.manual_seed(3)
+        stream = Stream(torch.get_rng_state())
+        expected = torch.bernoulli(torch.full((2500,), density, dtype=dtype))
+        torch.bernoulli(torch.full((1001,), density, dtype=dtype))
+        after = torch.rand(8)
+        drawn = torch.cat([stream.bernoulli(700, density, dtype), stream.bernoulli(1800, density, dtype)])
+        stream.skip(1001)
+        torch.set_rng_state(stream.torch_state())
+        assert torch.equal(drawn, expected), density
+        assert torch.equal(torch.rand(8), after), density
+
+
+@pytest.mark.parametrize("prefix,method", [("gemma3", "linear"), ("gemma3", "task_arithmetic"), ("gemma3", "ties"),
+                                           ("gemma3", "dare_ties"), ("gemma3", "breadcrumbs_ties"), ("wide", "slerp"),
+                                           ("wide", "dare_ties"), ("frozen", "dare_ties")])
+def test_merges_in_parts(prefix, method, families, tmp_path, monkeypatch):
+    """Large tensors are read, merged and written a run of elements at a time (slerp: a run of its own chunks),
+    DARE's masks drawn a run at a time: the same bytes."""
+    from merger.engine import stream
+
+    monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 333)  # tiny: every matrix is split, unevenly
+    ours, theirs = run_both(configs(prefix)[method], families, tmp_path)
+    largest = max(t.numel() for t in load_file(ours / "model.safetensors").values())
+    assert largest > 2 * (SLERP_CHUNK if method == "slerp" else 333)
     assert_same_output(ours, theirs)

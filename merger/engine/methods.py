@@ -1,6 +1,8 @@
-"""Merge methods as functions of tensors, computing exactly what mergekit 0.1.5 computes (same torch operations
-in the same order and dtypes, so the results are bit-identical). Variants of task arithmetic are data; each
-method's parameters and inputs are as ``merger.merge_methods`` declares them (mergekit's declarations)."""
+"""Merge methods, computing exactly what mergekit 0.1.5 computes (the same torch operations in the same order and
+dtypes; TIES's combining step on bfloat16 in one compiled loop that rounds where they round), so the results are
+bit-identical. Each runs on one output tensor, reading runs of its inputs in as many passes as it needs.
+Variants of task arithmetic are data; each method's parameters and inputs are as ``merger.merge_methods``
+declares them (mergekit's declarations)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -8,8 +10,12 @@ from typing import Any
 
 import torch
 
-from merger.engine.sparsify import SPARSIFIERS
+from merger.engine.sparsify import SPARSIFIERS, Sparsifier
+from merger.engine.stream import Inputs, Output
 from merger.merge_methods import NATIVE_METHODS, BasePolicy, ParameterScope
+
+# run(inputs, output, index of the base or None, shared params, per-input params in mergekit's input order)
+Run = Callable[[Inputs, Output, int | None, dict, list[dict]], None]
 
 
 @dataclass(frozen=True)
@@ -22,15 +28,13 @@ class Param:
 @dataclass(frozen=True)
 class Method:
     name: str
-    # merge(tensors in mergekit's input order, index of the base or None, shared params, per-input params)
-    merge: Callable[[list[torch.Tensor], int | None, dict, list[dict]], torch.Tensor]
+    run: Run
     needs_base: bool
     shared: tuple[Param, ...] = ()
     per_input: tuple[Param, ...] = ()  # every input, the base too
     per_non_base: tuple[Param, ...] = ()
     exact_inputs: int | None = None
     randomized: bool = False
-    elementwise: bool = False  # each output element depends on the same element of the inputs only
 
     def check_inputs(self, count: int, has_base: bool) -> None:
         from merger.engine.config import Unsupported
@@ -43,6 +47,14 @@ class Method:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def elementwise(merge: Callable[[list[torch.Tensor], int | None, dict, list[dict]], torch.Tensor]) -> Run:
+    """A method whose every output element depends on the same element of the inputs only, run on runs of elements."""
+    def run(inputs: Inputs, out: Output, base_index, shared, params) -> None:
+        for span in inputs.spans():
+            out.write(merge([inputs.read(i, span) for i in range(len(inputs.stored))], base_index, shared, params), span.start)
+    return run
 
 
 def linear(tensors, base_index, shared, inputs) -> torch.Tensor:
@@ -59,36 +71,52 @@ def linear(tensors, base_index, shared, inputs) -> torch.Tensor:
     return result.to(packed[0].dtype)[0]
 
 
-COMBINE_ELEMENTS = 4 * 1024 * 1024  # per step of task arithmetic's elementwise part
 SLERP_CHUNK = 1024 * 1024  # mergekit's bound on full-precision scratch, in elements
 
 
-def slerp(tensors, base_index, shared, inputs, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    v0, v1 = tensors[base_index], tensors[1 - base_index]
-    dtype = _compute_dtype(v0.dtype)
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold: float = 0.9995, eps: float = 1e-8) -> None:
+    """mergekit's slerp of the flattened tensors: its norms and dot product are sums over runs of SLERP_CHUNK
+    elements, made here in three passes over the inputs (norms, dot, result), each a run of chunks at a time."""
+    first, second = base_index, 1 - base_index
+    dtype = _compute_dtype(inputs.dtype)
     t = torch.tensor([shared["t"]], dtype=dtype).reshape(-1, 1).to(dtype)
-    if not a.shape[1]:
-        return ((1 - t) * a + t * b).reshape(v0.shape).to(v0.dtype)
-    chunks = [slice(start, start + SLERP_CHUNK) for start in range(0, a.shape[1], SLERP_CHUNK)]
+    if not inputs.numel:
+        a, b = inputs.read(first).reshape(1, -1), inputs.read(second).reshape(1, -1)
+        out.write(((1 - t) * a + t * b).reshape(inputs.shape).to(inputs.dtype))
+        return
+    spans = inputs.spans(multiple=SLERP_CHUNK)
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.linalg.vector_norm(x[:, c].to(dtype), dim=1, keepdim=True) for c in chunks]
+    def chunks(span: slice) -> list[slice]:
+        return [slice(start, start + SLERP_CHUNK) for start in range(0, span.stop - span.start, SLERP_CHUNK)]
+
+    def pairs():
+        for span in spans:
+            yield span, inputs.read(first, span).reshape(1, -1), inputs.read(second, span).reshape(1, -1)
+
+    parts_a, parts_b = [], []
+    for span, a, b in pairs():
+        for c in chunks(span):
+            parts_a.append(torch.linalg.vector_norm(a[:, c].to(dtype), dim=1, keepdim=True))
+            parts_b.append(torch.linalg.vector_norm(b[:, c].to(dtype), dim=1, keepdim=True))
+
+    def norm(parts: list[torch.Tensor]) -> torch.Tensor:
         value = torch.linalg.vector_norm(torch.stack(parts), dim=0)
         return torch.where(value > eps, value, 1)
 
-    norm_a, norm_b = norm(a), norm(b)
-    dots = [((a[:, c].to(dtype) / norm_a) * (b[:, c].to(dtype) / norm_b)).sum(dim=1, keepdim=True) for c in chunks]
+    norm_a, norm_b = norm(parts_a), norm(parts_b)
+    dots = [((a[:, c].to(dtype) / norm_a) * (b[:, c].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
+            for span, a, b in pairs() for c in chunks(span)]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     linear_ = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear_, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear_, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(linear_, t, torch.sin(t * theta) / sin_theta)
-    result = torch.empty_like(a)
-    for c in chunks:
-        result[:, c] = coef_a * a[:, c].to(dtype) + coef_b * b[:, c].to(dtype)
-    return result.reshape(v0.shape)
+    for span, a, b in pairs():
+        result = torch.empty_like(a)
+        for c in chunks(span):
+            result[:, c] = coef_a * a[:, c].to(dtype) + coef_b * b[:, c].to(dtype)
+        out.write(result.reshape(-1), span.start)
 
 
 @dataclass(frozen=True)
@@ -99,31 +127,70 @@ class TaskArithmetic:
     consensus: bool
     extra: tuple[str, ...] = field(default=())  # per-input parameters the sparsification takes
 
-    def __call__(self, tensors, base_index, shared, inputs) -> torch.Tensor:
-        base = tensors[base_index]
-        others = [(t, p) for i, (t, p) in enumerate(zip(tensors, inputs)) if i != base_index]
+    def __call__(self, inputs: Inputs, out: Output, base_index, shared, params) -> None:
+        others = [i for i in range(len(inputs.stored)) if i != base_index]
         if not others:
-            return base
+            for span in inputs.spans():
+                out.write(inputs.read(base_index, span), span.start)
+            return
+        weights = torch.tensor([params[i]["weight"] for i in others], dtype=inputs.dtype).unsqueeze(-1)
+        sparsify = SPARSIFIERS[self.sparsification] if self.sparsification else None
+        if inputs.unchanged(base_index):
+            self._unchanged(inputs, out, base_index, [params[i] for i in others], weights, shared, sparsify)
+        elif sparsify is None or sparsify.streams(inputs.device):
+            self._streamed(inputs, out, base_index, others, params, weights, shared, sparsify)
+        else:
+            self._whole(inputs, out, base_index, others, params, weights, shared, sparsify)
+
+    def _unchanged(self, inputs, out, base_index, params, weights, shared, sparsify: Sparsifier | None) -> None:
+        """Every task vector is +0.0, and so is each one sparsified: every element's sum is the same signed zero
+        (or NaN, for infinite weights), computed once; DARE's draws are still made, so later tensors get theirs."""
+        if sparsify:
+            for p in params:
+                sparsify.skip(inputs.numel, inputs.dtype, inputs.device, p["density"])
+        zero = self._mixed(torch.zeros((len(params), 1), dtype=inputs.dtype, device=inputs.device), weights, shared)
+        for span in inputs.spans():
+            out.write((inputs.read(base_index, span) + zero).to(inputs.dtype), span.start)
+
+    def _streamed(self, inputs, out, base_index, others, params, weights, shared, sparsify: Sparsifier | None) -> None:
+        """Passes over each task vector decide its selection (a mask, or how to draw it again, and a rescaling
+        factor), in mergekit's order of models; then one pass over runs of elements computes and combines."""
+        selections = [sparsify.select(lambda i=i: _task_vector(inputs, base_index, i), inputs.numel, inputs.dtype, inputs.device,
+                                      params[i]["density"], shared["rescale"], **{name: params[i][name] for name in self.extra})
+                      if sparsify else None for i in others]
+        for span in inputs.spans():
+            base = inputs.read(base_index, span)
+            deltas = base.new_empty((len(others), span.stop - span.start))
+            for row, (i, selection) in enumerate(zip(others, selections)):
+                delta = inputs.read(i, span) - base
+                deltas[row] = selection.apply(delta, span) if selection else delta
+            out.write(self._combine(deltas, base, weights, shared), span.start)
+
+    def _whole(self, inputs, out, base_index, others, params, weights, shared, sparsify: Sparsifier) -> None:
+        """Where ``select`` does not reproduce a sparsifier (DARE off the CPU): each task vector sparsified whole."""
+        base = inputs.read(base_index)
         deltas = base.new_empty((len(others), *base.shape))
-        for row, (tensor, params) in enumerate(others):
-            delta = tensor - base
-            if self.sparsification:
-                delta = SPARSIFIERS[self.sparsification](
-                    delta, params["density"], shared["rescale"], **{name: params[name] for name in self.extra})
+        for row, i in enumerate(others):
+            delta = sparsify.whole(inputs.read(i) - base, params[i]["density"], shared["rescale"],
+                             **{name: params[i][name] for name in self.extra})
             deltas[row] = delta
             del delta
-        weights = torch.tensor([p["weight"] for _, p in others], dtype=deltas.dtype).unsqueeze(-1)
-        # the rest is elementwise (sums run over the models' axis): done on runs of elements to bound memory
-        flat, result = deltas.reshape(len(others), -1), torch.empty_like(base)
-        for part in range(0, base.numel(), COMBINE_ELEMENTS):
-            span = slice(part, part + COMBINE_ELEMENTS)
-            result.view(-1)[span] = self._combine(flat[:, span], base.reshape(-1)[span], weights, shared)
-        return result
+        flat, base = deltas.reshape(len(others), -1), base.reshape(-1)
+        for span in inputs.spans():
+            out.write(self._combine(flat[:, span], base[span], weights, shared), span.start)
 
     def _combine(self, deltas: torch.Tensor, base: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:
+        if self.consensus and len(deltas) == 2 and base.dtype == torch.bfloat16 and base.device.type == "cpu" and shared["lambda"] == 1:
+            from merger.engine.bf16 import ties_combine  # numba compiles (or loads its cache) on first use
+
+            if (fused := ties_combine(deltas, base, weights, shared["normalize"])) is not None:
+                return fused
+        return (base + self._mixed(deltas, weights, shared)).to(base.dtype)
+
+    def _mixed(self, deltas: torch.Tensor, weights: torch.Tensor, shared: dict) -> torch.Tensor:
         deltas.mul_(weights)
         if self.consensus:
-            mask = _sign_consensus(deltas, torch.int8 if shared["int8_mask"] else base.dtype)
+            mask = _sign_consensus(deltas, torch.int8 if shared["int8_mask"] else deltas.dtype)
             mixed = (deltas * mask).sum(dim=0)
             divisor = (weights * mask).sum(dim=0)
             divisor[divisor == 0] = 1
@@ -135,10 +202,16 @@ class TaskArithmetic:
             mixed /= divisor
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
-        return (base + mixed).to(base.dtype)
+        return mixed
 
     def method(self, name: str) -> Method:
-        return Method(name, self, **_declared(name), randomized=self.sparsification == "random", elementwise=self.sparsification is None)
+        return Method(name, self, **_declared(name), randomized=self.sparsification == "random")
+
+
+def _task_vector(inputs: Inputs, base_index: int, i: int):
+    """Input i's task vector (input - base), run by run: (span, run)."""
+    for span in inputs.spans():
+        yield span, inputs.read(i, span) - inputs.read(base_index, span)
 
 
 def _sign_consensus(deltas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -162,7 +235,7 @@ def _declared(name: str) -> dict[str, Any]:
 
 
 METHODS: dict[str, Method] = {
-    "linear": Method("linear", linear, **_declared("linear"), elementwise=True),
+    "linear": Method("linear", elementwise(linear), **_declared("linear")),
     "slerp": Method("slerp", slerp, **_declared("slerp")),
     **{name: variant.method(name) for name, variant in {
         "task_arithmetic": TaskArithmetic(None, False),

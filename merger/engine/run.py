@@ -1,6 +1,7 @@
 """Plan a merge from the inputs' headers, then stream it: one output tensor at a time, in mergekit's order
 (tensor names sorted), each input tensor read when needed and each result written straight to its place."""
 
+import ctypes
 import json
 import shutil
 from collections.abc import Callable
@@ -12,11 +13,12 @@ import torch
 
 from merger.engine.architecture import UnsupportedArchitecture, planned_weights
 from merger.engine.config import EngineConfig, Unsupported
-from merger.engine.safetensors_io import PlannedFile, StoredTensor, TensorSpec, UnsupportedFile, load, model_tensors
+from merger.engine.safetensors_io import PlannedFile, StoredTensor, TensorSpec, UnsupportedFile, model_tensors
+from merger.engine.stream import Inputs, Output
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MAX_SHARD_BYTES = 5 * 1000**3  # mergekit's default out_shard_size
-CHUNK_BYTES = 16 * 1024**2  # of output, per step of an elementwise method on a large tensor
 # what mergekit copies as the tokenizer when the config has no tokenizer section
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "chat_template.jinja", "generation_config.json",
@@ -77,11 +79,8 @@ def plan(config: EngineConfig, dirs: dict[str, Path]) -> MergePlan:
         inputs = tuple(stored[m][weight.name] for m in config.models)
         if any(i.spec.dtype not in FLOAT_DTYPES for i in inputs) or len({i.spec.shape for i in inputs}) != 1:
             raise Unsupported(f"{weight.name}: non-float tensors or differing shapes")
-        dtype = load_dtype or inputs[0].spec.dtype
-        if not load_dtype:
-            for i in inputs[1:]:
-                dtype = torch.promote_types(dtype, i.spec.dtype)
-        outputs.append(OutputTensor(weight.name, weight.t, inputs, TensorSpec(_dtype(config.out_dtype) or dtype, inputs[0].spec.shape)))
+        dtype = _dtype(config.out_dtype) or _compute_dtype(inputs, load_dtype)
+        outputs.append(OutputTensor(weight.name, weight.t, inputs, TensorSpec(dtype, inputs[0].spec.shape)))
     donor = dirs[config.base or config.models[0]]
     if not (donor / "tokenizer_config.json").exists() or not any((donor / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         raise Unsupported("the tokenizer would be re-serialized by transformers")
@@ -99,26 +98,18 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
     shards = merge.shards()
     files = [PlannedFile(out_dir / name, {t.name: t.spec for t in shard}) for name, shard in zip(_shard_names(len(shards)), shards)]
     where = {t.name: f for f, shard in zip(files, shards) for t in shard}
+    _large_allocations_unmapped()
     load_dtype = _dtype(config.dtype)
+    base_index = config.models.index(config.base) if config.base is not None and method.needs_base else None
     try:
         with _single_thread(method.randomized):
             if seed is not None:
                 torch.manual_seed(seed)
             for done, output in enumerate(merge.tensors, start=1):
-                base_index = config.models.index(config.base) if config.base is not None and method.needs_base else None
                 shared = config.shared(output.name, output.t)
-                inputs = [config.per_model(m, output.name, output.t) for m in config.models]
-                for rows in _row_chunks(output, method.elementwise):
-                    tensors = [load(i, rows).to(device) for i in output.inputs]
-                    if load_dtype:
-                        tensors = [t.to(load_dtype) for t in tensors]
-                    dtype = tensors[0].dtype
-                    for t in tensors[1:]:
-                        dtype = torch.promote_types(dtype, t.dtype)
-                    tensors = [t.to(dtype) for t in tensors]
-                    result = method.merge(tensors, base_index, shared, inputs)
-                    where[output.name].write(output.name, result.to(output.spec.dtype), rows.start if rows else 0)
-                    del tensors, result
+                params = [config.per_model(m, output.name, output.t) for m in config.models]
+                inputs = Inputs(output.inputs, load_dtype, _compute_dtype(output.inputs, load_dtype), device)
+                method.run(inputs, Output(where[output.name], output.name, output.spec.dtype), base_index, shared, params)
                 if on_tensor:
                     on_tensor(done, len(merge.tensors))
     finally:
@@ -132,13 +123,14 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
             shutil.copyfile(merge.donor / name, out_dir / name)
 
 
-def _row_chunks(output: OutputTensor, elementwise: bool) -> list[slice | None]:
-    """Elementwise methods run on bounded runs of rows (the same arithmetic per element); others on the whole tensor."""
-    shape = output.spec.shape
-    if not elementwise or len(shape) < 2 or output.spec.nbytes <= CHUNK_BYTES:
-        return [None]
-    rows = max(1, CHUNK_BYTES * shape[0] // output.spec.nbytes)
-    return [slice(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+def _compute_dtype(inputs: tuple[StoredTensor, ...], load_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype mergekit merges in: the config's dtype if any, else the promotion of the inputs' dtypes."""
+    if load_dtype:
+        return load_dtype
+    dtype = inputs[0].spec.dtype
+    for stored in inputs[1:]:
+        dtype = torch.promote_types(dtype, stored.spec.dtype)
+    return dtype
 
 
 def _shard_names(count: int) -> list[str]:
@@ -164,6 +156,16 @@ def _write_config(merge: MergePlan, out_dir: Path) -> None:
         config.pop("torch_dtype", None)
         config["dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _large_allocations_unmapped(threshold: int = 1024 * 1024) -> None:
+    """Runs of a large tensor come and go in several sizes; glibc's heap keeps what they free (its mmap threshold
+    rises to the largest block freed), which grew RSS by a gigabyte over slerp's passes on a 168M-element
+    embedding. A fixed threshold maps each large block and returns it on free."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except OSError:  # not glibc
+        pass
 
 
 @contextmanager

@@ -33,11 +33,15 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         count = 1
         for size in self.shape:
             count *= size
-        return count * self.dtype.itemsize
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,13 @@ def _buffer(tensor: torch.Tensor):
     return (ctypes.c_ubyte * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
 
 
-def load(stored: StoredTensor, rows: slice | None = None) -> torch.Tensor:
-    """One tensor, or a range of its rows, read from its bytes (the file is opened per read; the page cache is
-    the only cache)."""
-    shape, start = stored.spec.shape, 0
-    if rows is not None:
-        row_bytes = stored.spec.nbytes // shape[0]
-        shape, start = (rows.stop - rows.start, *shape[1:]), rows.start * row_bytes
+def load(stored: StoredTensor, span: slice | None = None) -> torch.Tensor:
+    """One tensor, or a run of its elements (flat, in memory order), read from its bytes (the file is opened per
+    read; the page cache is the only cache)."""
+    if span is None:
+        shape, start = stored.spec.shape, 0
+    else:
+        shape, start = (span.stop - span.start,), span.start * stored.spec.dtype.itemsize
     tensor = torch.empty(shape, dtype=stored.spec.dtype)
     if tensor.numel():
         fd = os.open(stored.path, os.O_RDONLY)
@@ -124,15 +128,15 @@ class PlannedFile:
         os.pwrite(self.fd, header, 0)
         os.ftruncate(self.fd, len(header) + sum(spec.nbytes for spec in specs.values()))
 
-    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
-        """The tensor, or rows of it starting at ``first_row``, written to their place."""
+    def write(self, name: str, tensor: torch.Tensor, first_element: int = 0) -> None:
+        """The tensor, or a flat run of its elements starting at ``first_element``, written to its place."""
         spec = self.specs[name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape[1:]) != spec.shape[1:] or first_row + len(tensor) > (spec.shape or (1,))[0]:
-            raise ValueError(f"{name}: planned {spec}, computed {tensor.dtype} {tuple(tensor.shape)} at row {first_row}")
+        if tensor.dtype != spec.dtype or first_element + tensor.numel() > spec.numel:
+            raise ValueError(f"{name}: planned {spec}, computed {tensor.dtype} {tuple(tensor.shape)} at element {first_element}")
         tensor = tensor.detach().to("cpu").contiguous()
         if not tensor.numel():
             return
-        start = self.offsets[name] + first_row * (spec.nbytes // spec.shape[0] if spec.shape else 0)
+        start = self.offsets[name] + first_element * spec.dtype.itemsize
         view, done = memoryview(_buffer(tensor)).cast("B"), 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], start + done)

@@ -27,7 +27,7 @@ def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     n = magnitudes.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
-    if magnitudes.device.type != "cpu" or n >= 2**31 or torch.isnan(magnitudes).any():
+    if magnitudes.device.type != "cpu" or n >= 2**31 or torch.isnan(magnitudes.amax()):
         return argsort_mask(magnitudes, k)
     from merger.engine.introsort import DEPTH_EXHAUSTED, mark, select  # numba compiles (or loads its cache) on first use
 
