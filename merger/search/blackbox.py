@@ -164,8 +164,9 @@ class Composer:
 
 def load_composer(model: torch.nn.Module, method: str, base_index: int | None, tensors: list[Callable[[], Mapping[str, torch.Tensor]]],
                   start: dict, granularity: tuple[int, int, list[str]]) -> Composer:
-    """``tensors[i]()`` gives input i's tensors (float32), a mapping each of whose tensors is read once (it may load
-    them lazily); ``granularity``: (layers, layer groups, families).
+    """``tensors[i]()`` gives input i's tensors (float32) as a mapping whose tensors are read once each (it may load
+    them lazily) and then belong to the composer, which may change them; ``granularity``: (layers, layer groups,
+    families).
 
     One input is held at a time: the reference (the base, or the first input of a linear merge) is copied into
     the resident model, which then stands for it; of every other input only the tensors that differ from it are
