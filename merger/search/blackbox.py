@@ -19,7 +19,7 @@ the same seed and the same stored trials give the same next trial, whether or no
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -162,33 +162,59 @@ class Composer:
         return self.base[tensor] + p.get("lambda", 1.0) * mixed
 
 
-def load_composer(model: torch.nn.Module, method: str, base_index: int | None, tensors: list[Callable[[], dict[str, torch.Tensor]]],
+def load_composer(model: torch.nn.Module, method: str, base_index: int | None, tensors: list[Callable[[], Mapping[str, torch.Tensor]]],
                   start: dict, granularity: tuple[int, int, list[str]]) -> Composer:
-    """``tensors[i]()`` loads input i's tensors (float32); ``granularity``: (layers, layer groups, families)."""
-    loaded = [load() for load in tensors]
-    reference = loaded[base_index if base_index is not None else 0]
-    names = sorted(n for n, t in reference.items() if any(not torch.equal(t, other[n]) for other in loaded if other is not reference))
+    """``tensors[i]()`` gives input i's tensors (float32) as a mapping whose tensors are read once each (it may load
+    them lazily) and then belong to the composer, which may change them; ``granularity``: (layers, layer groups,
+    families).
+
+    One input is held at a time: the reference (the base, or the first input of a linear merge) is copied into
+    the resident model, which then stands for it; of every other input only the tensors that differ from it are
+    kept, and its task vectors are made from them in place."""
+    reference_index = base_index if base_index is not None else 0
     state = model.state_dict()
-    missing = [n for n in names if n not in state]
-    if missing:
-        raise ValueError(f"the resident model has no parameter {missing[0]} (and {len(missing) - 1} more) of the merge's inputs")
+    kept_apart = {}  # reference tensors the resident model cannot stand for (not among its float32 parameters)
+    reference_names = []
     with torch.no_grad():
-        for name, tensor in reference.items():  # the tensors no trial changes are the reference's (an adapter folded in)
-            if name in state:
+        for name, tensor in tensors[reference_index]().items():  # the tensors no trial changes are the reference's (an adapter folded in)
+            reference_names.append(name)
+            if name in state and state[name].dtype == tensor.dtype:
                 state[name].copy_(tensor)
+            else:
+                kept_apart[name] = tensor
+    differing = {}  # input index -> its tensors that differ from the reference's
+    for i, load in enumerate(tensors):
+        if i != reference_index:
+            found, differing[i] = load(), {}
+            for n in reference_names:
+                tensor = found[n]
+                if not torch.equal(kept_apart[n] if n in kept_apart else state[n], tensor):
+                    differing[i][n] = tensor
+            del found
+    names = sorted(set().union(*differing.values()))
+    missing = [n for n in names if n in kept_apart]
+    if missing:
+        raise ValueError(f"the resident model has no float32 parameter {missing[0]} (and {len(missing) - 1} more) of the merge's inputs")
+    del kept_apart
     layers, layer_groups, families = granularity
     groups = {n: group_of(n, layers, layer_groups, families) for n in names}
+    reference = {n: state[n].clone() for n in names}  # the base (or the first input) as the trials start from it
+
+    def tensors_of(i: int) -> dict[str, torch.Tensor]:
+        own = differing.pop(i)
+        return {n: own[n] if n in own else reference[n].clone() for n in names}
+
     if base_index is None:  # linear
-        return Composer(model, method, None, start, names, groups, {}, [{n: x[n] for n in names} for x in loaded])
-    base = {n: reference[n] for n in names}
-    others = [x for i, x in enumerate(loaded) if i != base_index]
-    del loaded
+        inputs = [reference] + [tensors_of(i) for i in sorted(differing)]
+        return Composer(model, method, None, start, names, groups, {}, inputs)
+    others = [tensors_of(i) for i in sorted(differing)]
     if method in TASK_VECTOR_METHODS:
-        inputs = [{n: x[n] - base[n] for n in names} for x in others]
-    else:
-        inputs = [{n: x[n] for n in names} for x in others]
-    ranks = [{n: _ranks(v) for n, v in x.items()} for x in inputs] if method == "ties" else []
-    return Composer(model, method, base_index, start, names, groups, base, inputs, ranks)
+        with torch.no_grad():
+            for x in others:
+                for n in names:
+                    x[n].sub_(reference[n])  # the task vector, in place of the input's tensor
+    ranks = [{n: _ranks(v) for n, v in x.items()} for x in others] if method == "ties" else []
+    return Composer(model, method, base_index, start, names, groups, reference, others, ranks)
 
 
 def _ranks(delta: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ The study is stored in the search database (``MERGER_SEARCH_DATABASE_URL``) unde
 (budget aside) and its inputs' store locations, so running the same search again continues it.
 """
 
+import gc
 import random
+from collections.abc import Mapping
 from pathlib import Path
 
 from merger.errors import Problem, format_loc
@@ -97,7 +99,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     reference_dir = dirs[slots[refs[0]].model_input]
     model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False).eval()
     tokenizer = AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=False)
-    loaders = [lambda ref=ref: _load_tensors(dirs, slots[ref]) for ref in refs]
+    loaders = [lambda ref=ref: _InputTensors(dirs, slots[ref]) for ref in refs]
     granularity = (plan.details["num_layers"] or 1, spec.granularity.layer_groups, list(spec.granularity.modules))
     composer = load_composer(model, spec.merge["merge_method"], 0 if base_ref else None, loaders, start, granularity)
     knobs = knobs_for(composer, spec.vary)
@@ -130,6 +132,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     rows.append(measured("start", composer.parameters_for({})))
     written = written_stage(stage, composer, result.best.params)
     del composer, model, lm
+    gc.collect()  # nothing of the search's tensors outlives it into the merge (the model's reference cycles included)
 
     merge_stage.run(StagePlan(written, plan.inputs, plan.output_info, plan.details["merge"]), dirs, out_dir, work_dir, report, should_cancel)
     found = Transformers().load(out_dir, dtype="float32")
@@ -185,24 +188,36 @@ def _start(merge: dict, others: int) -> dict:
     return start
 
 
-def _load_tensors(dirs: list[Path], slot) -> dict:
-    """An input's tensors in float32; a ``MODEL+ADAPTER`` input with the adapter folded in (float32)."""
-    import json
+class _InputTensors(Mapping):
+    """An input's tensors in float32, each read from its safetensors file when asked for; a ``MODEL+ADAPTER``
+    input's with the adapter folded in (float32)."""
 
-    import torch
-    from safetensors.torch import load_file
+    def __init__(self, dirs: list[Path], slot):
+        import json
 
-    from merger.lora import LoadedAdapter
+        from safetensors import safe_open
 
-    tensors = {}
-    for path in sorted(dirs[slot.model_input].glob("*.safetensors")):
-        tensors.update({name: t.to(torch.float32) for name, t in load_file(path).items()})
-    if slot.adapter_input is not None:
-        adapter_dir = dirs[slot.adapter_input]
-        adapter = LoadedAdapter.load(adapter_dir, json.loads((adapter_dir / "adapter_config.json").read_text()))
-        for name in adapter.modules:
-            tensors[name] = tensors[name] + adapter.update_for(name)
-    return tensors
+        from merger.lora import LoadedAdapter
+
+        self.files = [safe_open(path, framework="pt") for path in sorted(dirs[slot.model_input].glob("*.safetensors"))]
+        self.file_of = {name: f for f in self.files for name in f.keys()}
+        self.adapter = None
+        if slot.adapter_input is not None:
+            adapter_dir = dirs[slot.adapter_input]
+            self.adapter = LoadedAdapter.load(adapter_dir, json.loads((adapter_dir / "adapter_config.json").read_text()))
+
+    def __getitem__(self, name: str):
+        import torch
+
+        tensor = self.file_of[name].get_tensor(name).to(torch.float32)
+        update = self.adapter and self.adapter.update_for(name)
+        return tensor if update is None else tensor + update
+
+    def __iter__(self):
+        return iter(self.file_of)
+
+    def __len__(self) -> int:
+        return len(self.file_of)
 
 
 def written_stage(stage: SearchStage, composer, values: dict[str, float]) -> MergeStage:
