@@ -11,7 +11,7 @@ from tests.test_search_blackbox import blackbox_recipe
 from tests.test_service import finished, stored_dirs
 from tests.service_harness import wait_for
 
-TRIALS = 8
+TRIALS = 40  # enough that a cancel (seen within a second, between trials) lands before the last one
 
 
 def finished_trials(service) -> int:
