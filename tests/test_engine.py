@@ -185,6 +185,20 @@ def test_unsupported_architecture_goes_to_mergekit(families, tmp_path):
         prepare(merge, {"a": odd, "b": families / "gemma3-ft2"})
 
 
+def test_random_masks_go_to_mergekit_where_torch_draws_otherwise(families, monkeypatch):
+    """The DARE replay follows this torch's generator (checked once per process); a torch that draws otherwise
+    (simulated) sends randomized methods to mergekit, and leaves the others to the engine."""
+    import merger.engine.draws as draws
+
+    assert draws.replays_torch()
+    monkeypatch.setattr(draws, "replays_torch", lambda: False)
+    dirs = {"base": families / "gemma3-base", "ft1": families / "gemma3-ft1"}
+    merge = {"base_model": "base", "models": [{"model": "base"}, {"model": "ft1", "parameters": {"weight": 1.0, "density": 0.5}}]}
+    with pytest.raises(Unsupported, match="draws random masks otherwise"):
+        prepare(merge | {"merge_method": "dare_ties"}, dirs)
+    prepare(merge | {"merge_method": "ties"}, dirs)
+
+
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "slerp"])
 def test_frozen_tensors(method, families, tmp_path):
     """Tensors every fine-tune left as the base's (embedding, norms): the same bytes, DARE's later masks too (the

@@ -3,6 +3,8 @@
 computing them. The generator's state goes in and out through ``torch.get_rng_state`` / ``set_rng_state``
 (at::CPUGeneratorImplState: seed u64, left i32, seeded i32, next u64, then 624 state words as u64)."""
 
+from functools import cache
+
 import numba
 import numpy as np
 import torch
@@ -70,3 +72,20 @@ class Stream:
         raw[_LEFT:_LEFT + 4] = np.array([self.position[0]], dtype=np.int32).view(np.uint8)
         raw[_NEXT:_NEXT + 8] = np.array([self.position[1]], dtype=np.uint64).view(np.uint8)
         return torch.from_numpy(raw)
+
+
+@cache
+def replays_torch() -> bool:
+    """Whether this torch draws as the replay does (checked once per process, on a saved and restored generator
+    state): the replay follows torch 2.13's CPU kernels, and another torch may draw otherwise."""
+    saved = torch.get_rng_state()
+    try:
+        torch.manual_seed(20261201)
+        start = torch.get_rng_state()
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.set_rng_state(start)
+            if not torch.equal(Stream(start).bernoulli(4099, 0.3, dtype), torch.bernoulli(torch.full((4099,), 0.3, dtype=dtype))):
+                return False
+        return True
+    finally:
+        torch.set_rng_state(saved)
