@@ -78,14 +78,14 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from merger.evaluation.datasets import read_text
+    from merger.evaluation.runtimes import HFModel, Transformers
     from merger.search.blackbox import StudyOptions, knobs_for, load_composer, run_study
+    from merger.search.general import GeneralText
     from merger.search.learned import OBJECTIVE_NAMES
     from merger.search.scoring import encode
     from merger.search.session import greedy_test_accuracy
     from merger.search.split import parse_lines, split_task
-    from merger.evaluation.datasets import read_text
-    from merger.evaluation.runtimes import HFModel, Transformers
-    from merger.search.general import GeneralText
     from merger.stages.search import perplexity_column, scores_record, test_accuracy
 
     stage: SearchStage = plan.stage
