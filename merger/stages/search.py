@@ -150,9 +150,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
 
     written = written_stage(stage, coefficients, plan.details["out_dtype"])
     merge_stage.run(StagePlan(written, plan.inputs, plan.output_info, plan.details["merge"]), dirs, out_dir, work_dir, report, should_cancel)
-    found = Transformers().load(out_dir, dtype="float32")
-    rows.append({"model": "found", "test": test_accuracy(found, plan.details["tasks"], parse_lines(spec.test_lines))}
-                | perplexity_column(general.perplexity(found) if general else None))
+    rows.append(found_row(out_dir, plan.details["tasks"], parse_lines(spec.test_lines), general))
     parents = [max(row["test"][t] for row in rows[1 : 1 + count]) for t in range(len(spec.tasks))]
     record = {
         "searcher": spec.searcher,
@@ -179,6 +177,12 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
 
 def scores_record(scores) -> list[dict]:
     return [{"exact": s.exact, "loglik": s.loglik, "examples": s.examples} for s in scores]
+
+
+def found_row(model_dir: Path, tasks: list[tuple[Path, str]], test_lines: frozenset[int], general) -> dict:
+    """The test-line table's last row: the written merge as stored, in float32 (perplexity with a general text)."""
+    found = Transformers().load(model_dir, dtype="float32")
+    return {"model": "found", "test": test_accuracy(found, tasks, test_lines)} | perplexity_column(general and general.perplexity(found))
 
 
 def perplexity_column(value: float | None) -> dict:

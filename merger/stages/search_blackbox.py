@@ -79,14 +79,14 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merger.evaluation.datasets import read_text
-    from merger.evaluation.runtimes import HFModel, Transformers
+    from merger.evaluation.runtimes import HFModel
     from merger.search.blackbox import StudyOptions, knobs_for, load_composer, run_study
     from merger.search.general import GeneralText
     from merger.search.learned import OBJECTIVE_NAMES
     from merger.search.scoring import encode
     from merger.search.session import greedy_test_accuracy
     from merger.search.split import parse_lines, split_task
-    from merger.stages.search import perplexity_column, scores_record, test_accuracy
+    from merger.stages.search import found_row, perplexity_column, scores_record
 
     stage: SearchStage = plan.stage
     spec = stage.search
@@ -135,9 +135,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     gc.collect()  # nothing of the search's tensors outlives it into the merge (the model's reference cycles included)
 
     merge_stage.run(StagePlan(written, plan.inputs, plan.output_info, plan.details["merge"]), dirs, out_dir, work_dir, report, should_cancel)
-    found = Transformers().load(out_dir, dtype="float32")
-    rows.append({"model": "found", "test": test_accuracy(found, plan.details["tasks"], test_lines)}
-                | perplexity_column(general and general.perplexity(found)))
+    rows.append(found_row(out_dir, plan.details["tasks"], test_lines, general))
     parents = [max(row["test"][t] for row in rows[first_parent:-2]) for t in range(len(spec.tasks))]
     record = {
         "searcher": "blackbox",
