@@ -77,19 +77,32 @@ class Row:
 # running a command alone, measured
 
 
+# Linux's peak RSS of a process started by vfork (as subprocess starts one) counts the parent's peak: at exec the
+# memory it leaves is the parent's. A small launcher process forks the measured command, so that its peak is its own.
+LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    json.dump({"status": status, "maxrss_kib": usage.ru_maxrss}, report)
+"""
+
+
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> Measured:
     """Run cmd to completion; its wall time and peak RSS (children it waited for included)."""
+    report = log.with_suffix(".usage.json")
     with open(log.with_suffix(".out"), "w+") as out, open(log.with_suffix(".err"), "w") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *cmd], env=env, stdout=out, stderr=err, check=True)
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         stdout = out.read()
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log.with_suffix('.err')}")
-    return Measured(seconds, usage.ru_maxrss * 1024 / 1e9, stdout)  # ru_maxrss is in KiB on Linux
+    usage = json.loads(report.read_text())
+    if (code := os.waitstatus_to_exitcode(usage["status"])) != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({code}); see {log.with_suffix('.err')}")
+    return Measured(seconds, usage["maxrss_kib"] * 1024 / 1e9, stdout)  # ru_maxrss is in KiB on Linux
 
 
 def merger_env(work: Path) -> dict[str, str]:

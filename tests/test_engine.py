@@ -31,6 +31,7 @@ def families(tmp_path_factory) -> Path:
     for member in ("base", "ft1", "ft2"):
         _float32_copy(root / f"gemma3-{member}", root / f"f32-{member}")
     _plant_ties(root)
+    _plant_non_finite(root)
     make_family(root, "gemma3", seed=7, prefix="wide", vocab_size=8192, hidden_size=320)
     _freeze(root)
     return root
@@ -56,6 +57,16 @@ def _plant_ties(root: Path) -> None:
                  for k, v in tensors.items()}
         save_file(tuned, root / f"tied-ft{i}" / "model.safetensors", metadata={"format": "pt"})
     shutil.copytree(base, root / "tied-base")
+
+
+def _plant_non_finite(root: Path) -> None:
+    """``nonfinite``: the Gemma family with a NaN, an infinity and a value bf16 rounds to infinity in one fine-tune."""
+    for member in ("base", "ft1", "ft2"):
+        shutil.copytree(root / f"gemma3-{member}", root / f"nonfinite-{member}")
+    tensors = load_file(root / "gemma3-ft2" / "model.safetensors")
+    planted = tensors["model.embed_tokens.weight"].reshape(-1)
+    planted[[3, 1000, 2001]] = torch.tensor([float("nan"), float("-inf"), 3.38e38], dtype=torch.bfloat16)
+    save_file(tensors, root / "nonfinite-ft2" / "model.safetensors", metadata={"format": "pt"})
 
 
 def _freeze(root: Path) -> None:
@@ -108,12 +119,16 @@ def run_both(config: dict, root: Path, tmp_path: Path) -> tuple[Path, Path]:
     return ours, theirs
 
 
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 def assert_same_output(ours: Path, theirs: Path) -> None:
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     assert a.keys() == b.keys()
     for name in b:
         assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), f"{name} differs"
+        assert torch.equal(_bytes(a[name]), _bytes(b[name])), f"{name} differs"  # bitwise: NaN too
     assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
     for name in (p.name for p in theirs.iterdir()):
@@ -199,6 +214,15 @@ def test_random_masks_go_to_mergekit_where_torch_draws_otherwise(families, monke
     prepare(merge | {"merge_method": "ties"}, dirs)
 
 
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "task_arithmetic"])
+def test_non_finite_inputs(method, families, tmp_path):
+    """A NaN or an infinity in an input: compiled loops decline the runs they reach, torch computes those."""
+    ours, theirs = run_both(configs("nonfinite")[method], families, tmp_path)
+    assert_same_output(ours, theirs)
+    merged = load_file(ours / "model.safetensors")["model.embed_tokens.weight"]
+    assert not bool(merged.isfinite().all())
+
+
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "slerp"])
 def test_frozen_tensors(method, families, tmp_path):
     """Tensors every fine-tune left as the base's (embedding, norms): the same bytes, DARE's later masks too (the
@@ -236,9 +260,10 @@ def test_draws_replay_torch_bernoulli(dtype):
 def test_merges_in_parts(prefix, method, families, tmp_path, monkeypatch):
     """Large tensors are read, merged and written a run of elements at a time (slerp: a run of its own chunks),
     DARE's masks drawn a run at a time: the same bytes."""
-    from merger.engine import stream
+    from merger.engine import methods, stream
 
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 333)  # tiny: every matrix is split, unevenly
+    monkeypatch.setattr(methods, "FUSED_RUN_ELEMENTS", 333)
     ours, theirs = run_both(configs(prefix)[method], families, tmp_path)
     largest = max(t.numel() for t in load_file(ours / "model.safetensors").values())
     assert largest > 2 * (SLERP_CHUNK if method == "slerp" else 333)

@@ -1,12 +1,22 @@
-"""TIES's combining step on bfloat16 task vectors, fused into one compiled loop that rounds exactly where torch's
-CPU kernels round: each torch op computes in float32 and rounds its result to bfloat16 (nearest, ties to even);
-sums over the models' axis accumulate in float32 from +0.0, in model order. Two task vectors, finite results
-only: a NaN anywhere (whose bits torch's vectorized and scalar paths spell differently) makes it decline, and
-the torch ops run instead. Serial on purpose: a numba ``parallel`` loop changed the OpenMP thread count torch's
-later reductions ran with, and DARE's rescaling sums (single-threaded in mergekit -j 1) came out different."""
+"""Merge steps on bfloat16 tensors fused into compiled loops that round exactly where torch's CPU kernels round:
+each torch op computes in float32 and rounds its result (to float32, or to bfloat16: nearest, ties to even);
+sums over the models' axis accumulate in float32 from +0.0, in model order.
+
+- TIES's combining step on two task vectors (each op's result rounded to bfloat16, as torch computes in bf16);
+- linear's weighted sum (in float32, each step a fused multiply-add as torch's addcmul, rounded to bfloat16 at
+  the end);
+- slerp's elementwise steps (in float32): the normalized products its dot product sums, and the final mix.
+
+Finite results only: a NaN anywhere (whose bits torch's vectorized and scalar paths spell differently) makes a
+loop decline, and the torch ops run instead. Serial loops on purpose: a numba ``parallel`` loop changed the
+OpenMP thread count torch's later reductions ran with, and DARE's rescaling sums (single-threaded in mergekit
+-j 1) came out different; callers run loops on separate runs in threads instead (they release the GIL)."""
 
 import numba
 import numpy as np
+import torch
+from numba.core import types
+from numba.extending import intrinsic
 
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
 
@@ -44,13 +54,78 @@ def _ties_combine(first, second, base, weight_first, weight_second, normalize, o
     return failed == 0
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (float32): what torch's compiled ``self + t1 * t2`` (addcmul) computes."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _linear(rows, weights, normalize, divisor, out) -> bool:
+    total = np.zeros(len(out), dtype=np.float32)  # torch.zeros_like, then one addcmul_ per model
+    for i in range(len(rows)):
+        weight = weights[i]
+        for j in range(len(out)):
+            total[j] = _fma(_widen(rows[i, j]), weight, total[j])
+    failed = 0
+    for j in range(len(out)):
+        value = total[j] / divisor if normalize else total[j]
+        failed += value != value
+        out[j] = np.uint16(np.float32(_round(value)).view(np.uint32) >> np.uint32(16))
+    return failed == 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _slerp_products(first, second, norm_first, norm_second, out) -> None:
+    for j in range(len(out)):
+        out[j] = (_widen(first[j]) / norm_first) * (_widen(second[j]) / norm_second)
+
+
+@numba.njit(cache=True, nogil=True)
+def _slerp_mix(first, second, coef_first, coef_second, out) -> bool:
+    failed = 0
+    for j in range(len(out)):
+        value = coef_first * _widen(first[j]) + coef_second * _widen(second[j])
+        failed += value != value
+        out[j] = np.uint16(np.float32(_round(value)).view(np.uint32) >> np.uint32(16))
+    return failed == 0
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.view(torch.uint16).numpy()
+
+
+def slerp_products(first, second, norm_first, norm_second):
+    """(first / norm_first) * (second / norm_second) of flat bfloat16 runs, in float32."""
+    out = torch.empty(first.numel(), dtype=torch.float32)
+    _slerp_products(_bits(first), _bits(second), np.float32(norm_first), np.float32(norm_second), out.numpy())
+    return out
+
+
+def slerp_mix(first, second, coef_first, coef_second):
+    """coef_first * first + coef_second * second of flat bfloat16 runs, computed in float32, as bfloat16; None where
+    torch must decide."""
+    out = torch.empty(first.numel(), dtype=torch.bfloat16)
+    if _slerp_mix(_bits(first), _bits(second), np.float32(coef_first), np.float32(coef_second), _bits(out)):
+        return out
+    return None
+
+
+def linear_combine(rows, weights, normalize: bool, divisor):
+    """sum_i weights[i] * rows[i] (divided by ``divisor`` with ``normalize``) of bfloat16 rows, computed in float32
+    and rounded to bfloat16; None where torch must decide."""
+    out = torch.empty(rows.shape[1], dtype=torch.bfloat16)
+    if _linear(_bits(rows), weights.numpy(), normalize, np.float32(divisor.item()), _bits(out)):
+        return out
+    return None
+
+
 def ties_combine(deltas, base, weights, normalize: bool):
     """base + TIES's mix of two bfloat16 task vectors (rows of ``deltas``), or None where torch must decide."""
-    import torch
-
     out = torch.empty_like(base)
-    as_bits = lambda t: t.contiguous().view(torch.uint16).numpy()  # noqa: E731
     w = weights.reshape(-1).float().numpy()
-    if _ties_combine(as_bits(deltas[0]), as_bits(deltas[1]), as_bits(base), w[0], w[1], normalize, as_bits(out)):
+    if _ties_combine(_bits(deltas[0].contiguous()), _bits(deltas[1].contiguous()), _bits(base.contiguous()), w[0], w[1], normalize, _bits(out)):
         return out
     return None

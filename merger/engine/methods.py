@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from merger.engine.sparsify import SPARSIFIERS, Sparsifier
-from merger.engine.stream import Inputs, Output
+from merger.engine.stream import Inputs, Output, in_threads
 from merger.merge_methods import NATIVE_METHODS, BasePolicy, ParameterScope
 
 # run(inputs, output, index of the base or None, shared params, per-input params in mergekit's input order)
@@ -49,11 +49,33 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def elementwise(merge: Callable[[list[torch.Tensor], int | None, dict, list[dict]], torch.Tensor]) -> Run:
-    """A method whose every output element depends on the same element of the inputs only, run on runs of elements."""
+Fused = Callable[[torch.Tensor], torch.Tensor | None]  # stacked runs of the inputs -> the output's run, or None
+FUSED_RUN_ELEMENTS = 64 * 1024  # per run of a fused loop: its buffers stay in a core's cache, under the mmap threshold
+
+
+def elementwise(merge: Callable[[list[torch.Tensor], int | None, dict, list[dict]], torch.Tensor],
+                fused: Callable[[Inputs, Output, dict, list[dict]], Fused | None] | None = None) -> Run:
+    """A method whose every output element depends on the same element of the inputs only, run on runs of elements.
+    ``fused(inputs, output, shared, params)``: a compiled loop for these inputs, or None; its runs go to threads,
+    and a run it declines goes to ``merge``."""
     def run(inputs: Inputs, out: Output, base_index, shared, params) -> None:
-        for span in inputs.spans():
+        def merged(span: slice) -> None:
             out.write(merge([inputs.read(i, span) for i in range(len(inputs.stored))], base_index, shared, params), span.start)
+
+        loop = fused(inputs, out, shared, params) if fused else None
+        if loop is None:
+            for span in inputs.spans():
+                merged(span)
+            return
+
+        def fast(span: slice) -> None:
+            result = loop(inputs.stacked(span))
+            if result is None:
+                merged(span)
+            else:
+                out.write(result, span.start)
+
+        in_threads(fast, inputs.spans(FUSED_RUN_ELEMENTS))
     return run
 
 
@@ -71,12 +93,24 @@ def linear(tensors, base_index, shared, inputs) -> torch.Tensor:
     return result.to(packed[0].dtype)[0]
 
 
+def fused_linear(inputs: Inputs, out: Output, shared, params) -> Fused | None:
+    """``linear`` of bfloat16 inputs into a bfloat16 output, as one compiled loop."""
+    if not (inputs.stored_as(torch.bfloat16) and out.dtype == torch.bfloat16):
+        return None
+    from merger.engine.bf16 import linear_combine  # numba compiles (or loads its cache) on first use
+
+    weight = torch.tensor([[p["weight"] for p in params]], dtype=torch.float32)
+    divisor = weight.sum(dim=1)
+    return lambda rows: linear_combine(rows, weight[0], shared["normalize"], divisor)
+
+
 SLERP_CHUNK = 1024 * 1024  # mergekit's bound on full-precision scratch, in elements
 
 
 def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold: float = 0.9995, eps: float = 1e-8) -> None:
     """mergekit's slerp of the flattened tensors: its norms and dot product are sums over runs of SLERP_CHUNK
-    elements, made here in three passes over the inputs (norms, dot, result), each a run of chunks at a time."""
+    elements, made here in three passes over the inputs (norms, dot, result), each a run of chunks at a time; a
+    tensor of one run is read once. bfloat16 inputs take compiled loops for the elementwise steps (torch sums)."""
     first, second = base_index, 1 - base_index
     dtype = _compute_dtype(inputs.dtype)
     t = torch.tensor([shared["t"]], dtype=dtype).reshape(-1, 1).to(dtype)
@@ -85,13 +119,20 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
         out.write(((1 - t) * a + t * b).reshape(inputs.shape).to(inputs.dtype))
         return
     spans = inputs.spans(multiple=SLERP_CHUNK)
+    fused = inputs.stored_as(torch.bfloat16) and out.dtype == torch.bfloat16
+    if fused:
+        from merger.engine import bf16  # numba compiles (or loads its cache) on first use
+
+    def read(span: slice) -> tuple[slice, torch.Tensor, torch.Tensor]:
+        return span, inputs.read(first, span).reshape(1, -1), inputs.read(second, span).reshape(1, -1)
+
+    held = [read(spans[0])] if len(spans) == 1 else None
+
+    def pairs():
+        return iter(held) if held else map(read, spans)
 
     def chunks(span: slice) -> list[slice]:
         return [slice(start, start + SLERP_CHUNK) for start in range(0, span.stop - span.start, SLERP_CHUNK)]
-
-    def pairs():
-        for span in spans:
-            yield span, inputs.read(first, span).reshape(1, -1), inputs.read(second, span).reshape(1, -1)
 
     parts_a, parts_b = [], []
     for span, a, b in pairs():
@@ -104,19 +145,27 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
         return torch.where(value > eps, value, 1)
 
     norm_a, norm_b = norm(parts_a), norm(parts_b)
-    dots = [((a[:, c].to(dtype) / norm_a) * (b[:, c].to(dtype) / norm_b)).sum(dim=1, keepdim=True)
-            for span, a, b in pairs() for c in chunks(span)]
+
+    def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if fused:
+            return bf16.slerp_products(a[0], b[0], norm_a.item(), norm_b.item()).reshape(1, -1)
+        return (a.to(dtype) / norm_a) * (b.to(dtype) / norm_b)
+
+    dots = [products(a[:, c], b[:, c]).sum(dim=1, keepdim=True) for span, a, b in pairs() for c in chunks(span)]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     linear_ = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear_, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear_, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(linear_, t, torch.sin(t * theta) / sin_theta)
+
+    def mixed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if fused and (result := bf16.slerp_mix(a[0], b[0], coef_a.item(), coef_b.item())) is not None:
+            return result
+        return (coef_a * a.to(dtype) + coef_b * b.to(dtype)).to(inputs.dtype)[0]
+
     for span, a, b in pairs():
-        result = torch.empty_like(a)
-        for c in chunks(span):
-            result[:, c] = coef_a * a[:, c].to(dtype) + coef_b * b[:, c].to(dtype)
-        out.write(result.reshape(-1), span.start)
+        out.write(torch.cat([mixed(a[:, c], b[:, c]) for c in chunks(span)]), span.start)
 
 
 @dataclass(frozen=True)
@@ -235,7 +284,7 @@ def _declared(name: str) -> dict[str, Any]:
 
 
 METHODS: dict[str, Method] = {
-    "linear": Method("linear", elementwise(linear), **_declared("linear")),
+    "linear": Method("linear", elementwise(linear, fused_linear), **_declared("linear")),
     "slerp": Method("slerp", slerp, **_declared("slerp")),
     **{name: variant.method(name) for name, variant in {
         "task_arithmetic": TaskArithmetic(None, False),

@@ -80,14 +80,14 @@ def _buffer(tensor: torch.Tensor):
     return (ctypes.c_ubyte * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
 
 
-def load(stored: StoredTensor, span: slice | None = None) -> torch.Tensor:
-    """One tensor, or a run of its elements (flat, in memory order), read from its bytes (the file is opened per
-    read; the page cache is the only cache)."""
+def load(stored: StoredTensor, span: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor, or a run of its elements (flat, in memory order), read from its bytes into a new tensor or
+    ``out`` (contiguous, of the stored dtype). The file is opened per read; the page cache is the only cache."""
     if span is None:
         shape, start = stored.spec.shape, 0
     else:
         shape, start = (span.stop - span.start,), span.start * stored.spec.dtype.itemsize
-    tensor = torch.empty(shape, dtype=stored.spec.dtype)
+    tensor = torch.empty(shape, dtype=stored.spec.dtype) if out is None else out
     if tensor.numel():
         fd = os.open(stored.path, os.O_RDONLY)
         try:

@@ -1,6 +1,8 @@
 """One output tensor's inputs and its output as flat runs of elements (memory order), so that a method can make
 several passes over a large tensor while holding only a run of it at a time."""
 
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,17 @@ class Inputs:
             tensor = tensor.to(self.load_dtype)
         return tensor.to(self.dtype)
 
+    def stacked(self, span: slice) -> torch.Tensor:
+        """Every input's run of elements as stored, one row each (for inputs stored in one dtype)."""
+        rows = torch.empty((len(self.stored), span.stop - span.start), dtype=self.stored[0].spec.dtype)
+        for row, stored in zip(rows, self.stored):
+            load(stored, span, out=row)
+        return rows
+
+    def stored_as(self, dtype: torch.dtype) -> bool:
+        """Whether every input is stored in ``dtype`` and the method sees it so, on the CPU."""
+        return self.dtype == dtype and self.device == "cpu" and all(s.spec.dtype == dtype for s in self.stored)
+
     def spans(self, elements: int = 0, multiple: int = 1) -> list[slice]:
         """Runs of about ``elements`` (default CHUNK_ELEMENTS) elements, each a multiple of ``multiple`` but the last."""
         step = max(1, (elements or CHUNK_ELEMENTS) // multiple) * multiple
@@ -48,6 +61,20 @@ class Inputs:
             if reference.numel() and not bool(torch.isfinite(reference.abs().amax())):  # amax propagates NaN
                 return False
         return True
+
+
+def in_threads(work: Callable[[slice], None], spans: Iterable[slice]) -> None:
+    """work(span) for every span, on torch's number of threads: for compiled loops and file I/O, which release
+    the GIL (torch ops would multiply their own threads)."""
+    spans = list(spans)
+    threads = min(torch.get_num_threads(), len(spans))
+    if threads <= 1:
+        for span in spans:
+            work(span)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(work, spans):  # raises the first failure
+            pass
 
 
 @dataclass(frozen=True)
