@@ -3,12 +3,12 @@ it: ``engine_merge.py CONFIG.yml OUT_DIR [--random-seed N] [--device cpu]``. Fai
 support the config (the merge stage would hand it to mergekit)."""
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
 
 from merger.engine import execute, prepare
+from merger.exiting import leave
 
 
 def main() -> None:
@@ -25,4 +25,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    leave(0)  # as the merger CLI leaves

@@ -63,8 +63,8 @@ def _fma(typingctx, a, b, c):
 
 
 @numba.njit(cache=True, nogil=True)
-def _linear(rows, weights, normalize, divisor, out) -> bool:
-    total = np.zeros(len(out), dtype=np.float32)  # torch.zeros_like, then one addcmul_ per model
+def _linear(rows, weights, normalize, divisor, total, out) -> bool:
+    total[:] = _ZERO  # torch.zeros_like, then one addcmul_ per model
     for i in range(len(rows)):
         weight = weights[i]
         for j in range(len(out)):
@@ -113,18 +113,18 @@ def slerp_mix(first, second, coef_first, coef_second):
     return None
 
 
-def linear_combine(rows, weights, normalize: bool, divisor):
-    """sum_i weights[i] * rows[i] (divided by ``divisor`` with ``normalize``) of bfloat16 rows, computed in float32
-    and rounded to bfloat16; None where torch must decide."""
-    out = torch.empty(rows.shape[1], dtype=torch.bfloat16)
-    if _linear(_bits(rows), weights.numpy(), normalize, np.float32(divisor.item()), _bits(out)):
-        return out
-    return None
+def linear_combine(rows: torch.Tensor, weights: torch.Tensor, normalize: bool, divisor: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = sum_i weights[i] * rows[i] (divided by ``divisor`` with ``normalize``) of bfloat16 rows, computed in
+    float32 and rounded to bfloat16; False where torch must decide."""
+    from merger.engine.stream import scratch
+
+    total = scratch("linear", len(out), torch.float32)
+    return _linear(_bits(rows), weights.numpy(), normalize, np.float32(divisor.item()), total.numpy(), _bits(out))
 
 
 def ties_combine(deltas, base, weights, normalize: bool):
     """base + TIES's mix of two bfloat16 task vectors (rows of ``deltas``), or None where torch must decide."""
-    out = torch.empty_like(base)
+    out = base.new_empty(base.shape)
     w = weights.reshape(-1).float().numpy()
     if _ties_combine(_bits(deltas[0].contiguous()), _bits(deltas[1].contiguous()), _bits(base.contiguous()), w[0], w[1], normalize, _bits(out)):
         return out

@@ -15,34 +15,45 @@ _ONE = np.uint32(1)
 
 
 @numba.njit(inline="always")
+def _mix(mt, k, following, shifted):
+    y = (mt[k] & np.uint32(0x80000000)) | (mt[following] & np.uint32(0x7FFFFFFF))
+    mt[k] = mt[shifted] ^ np.uint32(y >> _ONE) ^ (np.uint32(0x9908B0DF) * (mt[following] & _ONE))
+
+
+@numba.njit(inline="always")
 def _twist(mt):
-    for k in range(_N):
-        y = (mt[k] & np.uint32(0x80000000)) | (mt[(k + 1) % _N] & np.uint32(0x7FFFFFFF))
-        value = mt[(k + _M) % _N] ^ np.uint32(y >> _ONE)
-        if mt[(k + 1) % _N] & _ONE:
-            value ^= np.uint32(0x9908B0DF)
-        mt[k] = value
+    # word k from words k, k + 1 and k + M (mod N), in order: three loops without the modulo, so that they vectorize
+    for k in range(_N - _M):
+        _mix(mt, k, k + 1, k + _M)
+    for k in range(_N - _M, _N - 1):
+        _mix(mt, k, k + 1, k + _M - _N)
+    _mix(mt, _N - 1, 0, _M - 1)
 
 
 @numba.njit(cache=True, nogil=True)
-def _run(mt, position, count, threshold, out):
-    """Advance ``count`` draws from (left, next) = position; with ``out``, out[i] = uniform < p, where uniform is
-    the draw's low 24 bits / 2**24 (so: low 24 bits < threshold)."""
+def _run(mt, position, count, threshold, out, one):
+    """Advance ``count`` draws from (left, next) = position; with ``out``, out[i] = one if uniform < p else 0, where
+    uniform is the draw's low 24 bits / 2**24 (so: low 24 bits < threshold). A draw first counts ``left`` down and
+    twists the state when it reaches 0; here the draws between twists go in one loop (it vectorizes)."""
     left, following = position[0], position[1]
     keep = len(out) > 0
-    for i in range(count):
-        left -= 1
-        if left == 0:
+    done = 0
+    while done < count:
+        if left == 1:  # this draw twists, then reads word 0: as if N + 1 were left before it
             _twist(mt)
-            left, following = _N, 0
+            left, following = _N + 1, 0
+        n = min(count - done, left - 1)
         if keep:
-            y = mt[following]
-            y ^= y >> np.uint32(11)
-            y ^= np.uint32(y << np.uint32(7)) & np.uint32(0x9D2C5680)
-            y ^= np.uint32(y << np.uint32(15)) & np.uint32(0xEFC60000)
-            y ^= y >> np.uint32(18)
-            out[i] = (y & np.uint32(0xFFFFFF)) < threshold
-        following += 1
+            for i in range(n):
+                y = mt[following + i]
+                y ^= y >> np.uint32(11)
+                y ^= np.uint32(y << np.uint32(7)) & np.uint32(0x9D2C5680)
+                y ^= np.uint32(y << np.uint32(15)) & np.uint32(0xEFC60000)
+                y ^= y >> np.uint32(18)
+                out[done + i] = one if (y & np.uint32(0xFFFFFF)) < threshold else 0
+        left -= n
+        following += n
+        done += n
     position[0], position[1] = left, following
 
 
@@ -59,12 +70,15 @@ class Stream:
         """What torch.bernoulli(torch.full((count,), density, dtype=dtype)) returns from this state."""
         p = float(torch.tensor(density, dtype=dtype).float())  # the probability as the kernel reads it
         threshold = np.uint32(min(max(np.ceil(p * 2**24), 0), 2**24))  # low24 / 2**24 < p  <=>  low24 < ceil(p * 2**24)
-        out = np.empty(count, dtype=np.bool_)
-        _run(self.words, self.position, count, threshold, out)
-        return torch.from_numpy(out).to(dtype)
+        out = torch.empty(count, dtype=dtype)
+        if dtype == torch.bfloat16:  # 1.0 as bits
+            _run(self.words, self.position, count, threshold, out.view(torch.uint16).numpy(), np.uint16(0x3F80))
+        else:  # float32, the other dtype DARE draws in on the CPU
+            _run(self.words, self.position, count, threshold, out.numpy(), np.float32(1))
+        return out
 
     def skip(self, count: int) -> None:
-        _run(self.words, self.position, count, np.uint32(0), np.empty(0, dtype=np.bool_))
+        _run(self.words, self.position, count, np.uint32(0), np.empty(0, dtype=np.uint16), np.uint16(0))
 
     def torch_state(self) -> torch.Tensor:
         raw = self.state.numpy().copy()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from merger.engine.sparsify import SPARSIFIERS, Sparsifier
-from merger.engine.stream import Inputs, Output, in_threads
+from merger.engine.stream import Inputs, Output, in_threads, scratch
 from merger.merge_methods import NATIVE_METHODS, BasePolicy, ParameterScope
 
 # run(inputs, output, index of the base or None, shared params, per-input params in mergekit's input order)
@@ -49,8 +49,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-Fused = Callable[[torch.Tensor], torch.Tensor | None]  # stacked runs of the inputs -> the output's run, or None
-FUSED_RUN_ELEMENTS = 64 * 1024  # per run of a fused loop: its buffers stay in a core's cache, under the mmap threshold
+# a compiled loop: (stacked runs of the inputs, the output's run to fill) -> True, or False where it declines
+Fused = Callable[[torch.Tensor, torch.Tensor], bool]
+FUSED_RUN_ELEMENTS = 1024 * 1024  # per run of a fused loop (its buffers are each thread's, reused)
 
 
 def elementwise(merge: Callable[[list[torch.Tensor], int | None, dict, list[dict]], torch.Tensor],
@@ -69,11 +70,11 @@ def elementwise(merge: Callable[[list[torch.Tensor], int | None, dict, list[dict
             return
 
         def fast(span: slice) -> None:
-            result = loop(inputs.stacked(span))
-            if result is None:
-                merged(span)
-            else:
+            result = scratch("fused", span.stop - span.start, out.dtype)
+            if loop(inputs.stacked(span), result):
                 out.write(result, span.start)
+            else:
+                merged(span)
 
         in_threads(fast, inputs.spans(FUSED_RUN_ELEMENTS))
     return run
@@ -101,7 +102,7 @@ def fused_linear(inputs: Inputs, out: Output, shared, params) -> Fused | None:
 
     weight = torch.tensor([[p["weight"] for p in params]], dtype=torch.float32)
     divisor = weight.sum(dim=1)
-    return lambda rows: linear_combine(rows, weight[0], shared["normalize"], divisor)
+    return lambda rows, result: linear_combine(rows, weight[0], shared["normalize"], divisor, result)
 
 
 SLERP_CHUNK = 1024 * 1024  # mergekit's bound on full-precision scratch, in elements
@@ -184,22 +185,16 @@ class TaskArithmetic:
             return
         weights = torch.tensor([params[i]["weight"] for i in others], dtype=inputs.dtype).unsqueeze(-1)
         sparsify = SPARSIFIERS[self.sparsification] if self.sparsification else None
-        if inputs.unchanged(base_index):
-            self._unchanged(inputs, out, base_index, [params[i] for i in others], weights, shared, sparsify)
+        # where every task vector is +0.0 (the tensor unchanged by every input), so is each one sparsified: every
+        # element's sum is the same signed zero (or NaN, for infinite weights), computed once
+        zero = self._mixed(torch.zeros((len(others), 1), dtype=inputs.dtype, device=inputs.device), weights, shared)
+        if inputs.unchanged(base_index, lambda span, base: out.write((base + zero).to(inputs.dtype), span.start)):
+            for i in others if sparsify else ():  # DARE's draws are still made, so later tensors get theirs
+                sparsify.skip(inputs.numel, inputs.dtype, inputs.device, params[i]["density"])
         elif sparsify is None or sparsify.streams(inputs.device):
             self._streamed(inputs, out, base_index, others, params, weights, shared, sparsify)
         else:
             self._whole(inputs, out, base_index, others, params, weights, shared, sparsify)
-
-    def _unchanged(self, inputs, out, base_index, params, weights, shared, sparsify: Sparsifier | None) -> None:
-        """Every task vector is +0.0, and so is each one sparsified: every element's sum is the same signed zero
-        (or NaN, for infinite weights), computed once; DARE's draws are still made, so later tensors get theirs."""
-        if sparsify:
-            for p in params:
-                sparsify.skip(inputs.numel, inputs.dtype, inputs.device, p["density"])
-        zero = self._mixed(torch.zeros((len(params), 1), dtype=inputs.dtype, device=inputs.device), weights, shared)
-        for span in inputs.spans():
-            out.write((inputs.read(base_index, span) + zero).to(inputs.dtype), span.start)
 
     def _streamed(self, inputs, out, base_index, others, params, weights, shared, sparsify: Sparsifier | None) -> None:
         """Passes over each task vector decide its selection (a mask, or how to draw it again, and a rescaling

@@ -110,18 +110,22 @@ class Selection:
 
 class _Draws:
     """DARE's masks, run by run, replayed from the generator's state before the task vector's draws; each pass
-    (starting at element 0) draws the same masks again."""
+    (starting at element 0) draws the same masks again, but a tensor of one run keeps its mask."""
 
     def __init__(self, state: torch.Tensor, density: float, work: torch.dtype):
         from merger.engine.draws import Stream  # numba, on first use
 
         self.state, self.density, self.work, self.new_stream = state, density, work, Stream
         self.stream = Stream(state)
+        self.last: tuple[slice | None, torch.Tensor | None] = (None, None)  # the run drawn last, and its mask
 
     def __call__(self, span: slice) -> torch.Tensor:
+        if span == self.last[0]:  # a tensor of one run: its mask, drawn once for every pass
+            return self.last[1]
         if span.start == 0:
             self.stream = self.new_stream(self.state)
-        return self.stream.bernoulli(span.stop - span.start, self.density, self.work)
+        self.last = (span, self.stream.bernoulli(span.stop - span.start, self.density, self.work))
+        return self.last[1]
 
 
 def _magnitudes(runs: Runs, numel: int, dtype: torch.dtype, device) -> torch.Tensor:

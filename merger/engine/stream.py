@@ -1,9 +1,11 @@
 """One output tensor's inputs and its output as flat runs of elements (memory order), so that a method can make
 several passes over a large tensor while holding only a run of it at a time."""
 
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 
@@ -18,6 +20,7 @@ class Inputs:
     load_dtype: torch.dtype | None  # the config's ``dtype``, applied at load
     dtype: torch.dtype  # what the method sees: the load dtype, then promotion over the inputs
     device: str
+    held: dict = field(default_factory=dict, compare=False)  # inputs of a tensor that is one run, read once
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -28,15 +31,25 @@ class Inputs:
         return self.stored[0].spec.numel
 
     def read(self, i: int, span: slice | None = None) -> torch.Tensor:
-        """Input i: whole and shaped, or a flat run of its elements."""
+        """Input i: whole and shaped, or a flat run of its elements. A tensor of one run (CHUNK_ELEMENTS at most)
+        is read once and held for the methods' later passes: what this returns must not be modified."""
+        whole = span is None or (span.start == 0 and span.stop == self.numel)
+        key = (i, span is None)
+        if whole and self.numel <= CHUNK_ELEMENTS and key in self.held:
+            return self.held[key]
         tensor = load(self.stored[i], span).to(self.device)
         if self.load_dtype:
             tensor = tensor.to(self.load_dtype)
-        return tensor.to(self.dtype)
+        tensor = tensor.to(self.dtype)
+        if whole and self.numel <= CHUNK_ELEMENTS:
+            self.held[key] = tensor
+        return tensor
 
     def stacked(self, span: slice) -> torch.Tensor:
-        """Every input's run of elements as stored, one row each (for inputs stored in one dtype)."""
-        rows = torch.empty((len(self.stored), span.stop - span.start), dtype=self.stored[0].spec.dtype)
+        """Every input's run of elements as stored, one row each (for inputs stored in one dtype), in this thread's
+        scratch buffer: valid until its next call in this thread."""
+        count, inputs = span.stop - span.start, len(self.stored)
+        rows = scratch("stacked", inputs * count, self.stored[0].spec.dtype).view(inputs, count)
         for row, stored in zip(rows, self.stored):
             load(stored, span, out=row)
         return rows
@@ -50,8 +63,10 @@ class Inputs:
         step = max(1, (elements or CHUNK_ELEMENTS) // multiple) * multiple
         return [slice(start, min(start + step, self.numel)) for start in range(0, self.numel, step)] or [slice(0, 0)]
 
-    def unchanged(self, base: int) -> bool:
-        """Every input holds the base's bits and the base is finite: each task vector is exactly +0.0."""
+    def unchanged(self, base: int, checked: Callable[[slice, torch.Tensor], None]) -> bool:
+        """Every input holds the base's bits and the base is finite: each task vector is exactly +0.0. Each run of
+        the base that passes goes to ``checked(span, run)`` at once (a caller writes what the output would be, so
+        the base is read once; a run written before a later one fails is written again by the caller)."""
         for span in self.spans():
             reference = self.read(base, span)
             bits = reference.view(torch.uint8)
@@ -60,21 +75,40 @@ class Inputs:
                     return False
             if reference.numel() and not bool(torch.isfinite(reference.abs().amax())):  # amax propagates NaN
                 return False
+            checked(span, reference)
         return True
+
+
+_scratch = threading.local()
+
+
+def scratch(name: str, count: int, dtype: torch.Tensor) -> torch.Tensor:
+    """A flat buffer of ``count`` elements that this thread reuses from call to call (a fresh one per run would
+    cost its pages' faults each time); valid until the next call with the same name and dtype in this thread."""
+    key = f"{name}:{dtype}"
+    buffer = getattr(_scratch, key, None)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.empty(count, dtype=dtype)
+        setattr(_scratch, key, buffer)
+    return buffer[:count]
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="merger-engine")  # its threads keep their scratch buffers
 
 
 def in_threads(work: Callable[[slice], None], spans: Iterable[slice]) -> None:
     """work(span) for every span, on torch's number of threads: for compiled loops and file I/O, which release
     the GIL (torch ops would multiply their own threads)."""
     spans = list(spans)
-    threads = min(torch.get_num_threads(), len(spans))
-    if threads <= 1:
+    threads = torch.get_num_threads()
+    if threads <= 1 or len(spans) <= 1:
         for span in spans:
             work(span)
         return
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(work, spans):  # raises the first failure
-            pass
+    for _ in _pool(threads).map(work, spans):  # raises the first failure
+        pass
 
 
 @dataclass(frozen=True)
