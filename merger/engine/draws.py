@@ -80,6 +80,9 @@ class Stream:
     def skip(self, count: int) -> None:
         _run(self.words, self.position, count, np.uint32(0), np.empty(0, dtype=np.uint16), np.uint16(0))
 
+    def copy(self) -> "Stream":
+        return Stream(self.torch_state())
+
     def torch_state(self) -> torch.Tensor:
         raw = self.state.numpy().copy()
         raw[_WORDS:_WORDS + 8 * _N] = self.words.astype(np.uint64).view(np.uint8)

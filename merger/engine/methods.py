@@ -35,6 +35,7 @@ class Method:
     per_non_base: tuple[Param, ...] = ()
     exact_inputs: int | None = None
     randomized: bool = False
+    tensors_at_once: bool = False  # its tensors may be merged concurrently, on single-threaded torch
 
     def check_inputs(self, count: int, has_base: bool) -> None:
         from merger.engine.config import Unsupported
@@ -190,7 +191,7 @@ class TaskArithmetic:
         zero = self._mixed(torch.zeros((len(others), 1), dtype=inputs.dtype, device=inputs.device), weights, shared)
         if inputs.unchanged(base_index, lambda span, base: out.write((base + zero).to(inputs.dtype), span.start)):
             for i in others if sparsify else ():  # DARE's draws are still made, so later tensors get theirs
-                sparsify.skip(inputs.numel, inputs.dtype, inputs.device, params[i]["density"])
+                sparsify.skip(inputs.numel, inputs.dtype, inputs.device, params[i]["density"], inputs.draws)
         elif sparsify is None or sparsify.streams(inputs.device):
             self._streamed(inputs, out, base_index, others, params, weights, shared, sparsify)
         else:
@@ -200,7 +201,8 @@ class TaskArithmetic:
         """Passes over each task vector decide its selection (a mask, or how to draw it again, and a rescaling
         factor), in mergekit's order of models; then one pass over runs of elements computes and combines."""
         selections = [sparsify.select(lambda i=i: _task_vector(inputs, base_index, i), inputs.numel, inputs.dtype, inputs.device,
-                                      params[i]["density"], shared["rescale"], **{name: params[i][name] for name in self.extra})
+                                      params[i]["density"], shared["rescale"], **{name: params[i][name] for name in self.extra},
+                                      stream=inputs.draws)
                       if sparsify else None for i in others]
         for span in inputs.spans():
             base = inputs.read(base_index, span)
@@ -249,7 +251,7 @@ class TaskArithmetic:
         return mixed
 
     def method(self, name: str) -> Method:
-        return Method(name, self, **_declared(name), randomized=self.sparsification == "random")
+        return Method(name, self, **_declared(name), randomized=self.sparsification == "random", tensors_at_once=True)
 
 
 def _task_vector(inputs: Inputs, base_index: int, i: int):

@@ -4,10 +4,13 @@
 import ctypes
 import json
 import shutil
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +18,9 @@ from merger.engine.architecture import UnsupportedArchitecture, planned_weights
 from merger.engine.config import EngineConfig, Unsupported
 from merger.engine.safetensors_io import PlannedFile, StoredTensor, TensorSpec, UnsupportedFile, model_tensors
 from merger.engine.stream import Inputs, Output
+
+if TYPE_CHECKING:
+    from merger.engine.draws import Stream
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -101,17 +107,24 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
     _large_allocations_unmapped()
     load_dtype = _dtype(config.dtype)
     base_index = config.models.index(config.base) if config.base is not None and method.needs_base else None
+    threads = torch.get_num_threads() if method.tensors_at_once and device == "cpu" else 1
     try:
-        with _single_thread(method.randomized):
+        with _single_thread(method.randomized or threads > 1):
             if seed is not None:
                 torch.manual_seed(seed)
-            for done, output in enumerate(merge.tensors, start=1):
+            replaying = method.randomized and device == "cpu"
+            streams = _draw_streams(merge, base_index) if replaying else [None] * len(merge.tensors)
+
+            def merge_one(k: int) -> None:
+                output = merge.tensors[k]
                 shared = config.shared(output.name, output.t)
                 params = [config.per_model(m, output.name, output.t) for m in config.models]
-                inputs = Inputs(output.inputs, load_dtype, _compute_dtype(output.inputs, load_dtype), device)
+                inputs = Inputs(output.inputs, load_dtype, _compute_dtype(output.inputs, load_dtype), device, streams[k])
                 method.run(inputs, Output(where[output.name], output.name, output.spec.dtype), base_index, shared, params)
-                if on_tensor:
-                    on_tensor(done, len(merge.tensors))
+
+            # at once, the largest first: the others are merged meanwhile instead of waiting behind it at the end
+            order = sorted(range(len(merge.tensors)), key=lambda k: -merge.tensors[k].spec.numel) if threads > 1 else None
+            _in_order(merge_one, order or range(len(merge.tensors)), threads, on_tensor or (lambda done, total: None))
     finally:
         for f in files:
             f.close()
@@ -121,6 +134,47 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
     for name in TOKENIZER_FILES:
         if (merge.donor / name).exists():
             shutil.copyfile(merge.donor / name, out_dir / name)
+
+
+def _draw_streams(merge: MergePlan, base_index: int | None) -> list["Stream"]:
+    """DARE on the CPU: where each tensor's draws start in the generator's sequence (a replay of its state now), so
+    that tensors can be merged in any order. Every non-base input whose density is below 1 draws one value per
+    element, changed or not (skipping draws costs a fraction of making them)."""
+    from merger.engine.draws import Stream
+
+    config, stream, starts = merge.config, Stream(torch.get_rng_state()), []
+    for output in merge.tensors:
+        starts.append(stream.copy())
+        for i, model in enumerate(config.models):
+            if i != base_index and config.per_model(model, output.name, output.t)["density"] < 1:
+                stream.skip(output.spec.numel)
+    return starts
+
+
+def _in_order(work: Callable[[int], None], order: Sequence[int], threads: int, done: Callable[[int, int], None]) -> None:
+    """work(k) for each k of ``order``, up to ``threads`` at once (each holds one tensor's buffers); ``done(finished,
+    total)`` on this thread after each (it may raise to stop: the tensors under way finish first)."""
+    if threads <= 1:
+        for finished, k in enumerate(order, start=1):
+            work(k)
+            done(finished, len(order))
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="merger-tensors") as pool:
+        pending: deque[Future] = deque()
+        finished = 0
+
+        def finish_oldest() -> None:
+            nonlocal finished
+            pending.popleft().result()
+            finished += 1
+            done(finished, len(order))
+
+        for k in order:
+            pending.append(pool.submit(work, k))
+            if len(pending) == threads:
+                finish_oldest()
+        while pending:
+            finish_oldest()
 
 
 def _compute_dtype(inputs: tuple[StoredTensor, ...], load_dtype: torch.dtype | None) -> torch.dtype:
@@ -170,7 +224,8 @@ def _large_allocations_unmapped(threshold: int = 1024 * 1024) -> None:
 
 @contextmanager
 def _single_thread(enabled: bool):
-    """Randomized methods reduce in bf16, whose result depends on the thread count: mergekit runs them with -j 1."""
+    """Randomized methods reduce in bf16, whose result depends on the thread count: mergekit runs them with -j 1.
+    Tensors merged at once run torch on one thread each."""
     previous = torch.get_num_threads()
     if enabled:
         torch.set_num_threads(1)

@@ -135,7 +135,7 @@ def _magnitudes(runs: Runs, numel: int, dtype: torch.dtype, device) -> torch.Ten
     return magnitudes
 
 
-def select_magnitude(runs: Runs, numel: int, dtype: torch.dtype, device, density: float, rescale: bool) -> Selection:
+def select_magnitude(runs: Runs, numel: int, dtype: torch.dtype, device, density: float, rescale: bool, stream=None) -> Selection:
     if density >= 1:
         return Selection(None, dtype, keep_all=True)
     if density <= 0 or numel == 0:
@@ -145,7 +145,8 @@ def select_magnitude(runs: Runs, numel: int, dtype: torch.dtype, device, density
     return selection.rescale(runs, numel, device) if rescale else selection
 
 
-def select_band(runs: Runs, numel: int, dtype: torch.dtype, device, density: float, rescale: bool, gamma: float) -> Selection:
+def select_band(runs: Runs, numel: int, dtype: torch.dtype, device, density: float, rescale: bool, gamma: float,
+                stream=None) -> Selection:
     if density >= 1:
         return Selection(None, dtype, keep_all=True)
     mask = _band(_magnitudes(runs, numel, dtype, device), density, gamma)
@@ -153,31 +154,26 @@ def select_band(runs: Runs, numel: int, dtype: torch.dtype, device, density: flo
     return selection.rescale(runs, numel, device) if rescale else selection
 
 
-def select_random(runs: Runs, numel: int, dtype: torch.dtype, device, density: float, rescale: bool) -> Selection:
-    """DARE on the CPU: the global generator ends where drawing the whole mask at once leaves it."""
+def select_random(runs: Runs, numel: int, dtype: torch.dtype, device, density: float, rescale: bool, stream=None) -> Selection:
+    """DARE on the CPU: the masks ``torch.bernoulli`` draws from ``stream`` (a replay of the generator, at this task
+    vector's first draw), which is left where drawing the whole mask at once leaves the generator."""
     if density >= 1:
         return Selection(None, dtype, keep_all=True)
-    draws = _Draws(torch.get_rng_state(), density, _draw_dtype(dtype, torch.device(device)))
+    draws = _Draws(stream.torch_state(), density, _draw_dtype(dtype, torch.device(device)))
     selection = Selection(draws, draws.work)
     if rescale:
         selection.rescale(runs, numel, device)
-    else:
-        draws.stream.skip(numel)
-    torch.set_rng_state(draws.stream.torch_state())
+    stream.skip(numel)
     return selection
 
 
-def skip_draws(numel: int, dtype: torch.dtype, device, density: float) -> None:
-    """Advance the global generator as ``random`` does on a task vector of ``numel`` elements (one draw per
-    element), without drawing on the CPU."""
+def skip_draws(numel: int, dtype: torch.dtype, device, density: float, stream=None) -> None:
+    """Advance the generator as ``random`` does on a task vector of ``numel`` elements (one draw per element): on the
+    CPU ``stream`` (the replay), without drawing; elsewhere torch's generator, drawing."""
     if density >= 1:
         return
     if torch.device(device).type == "cpu":
-        from merger.engine.draws import Stream  # numba, on first use
-
-        stream = Stream(torch.get_rng_state())
         stream.skip(numel)
-        torch.set_rng_state(stream.torch_state())
     else:
         torch.bernoulli(torch.full((numel,), density, dtype=_draw_dtype(dtype, torch.device(device)), device=device))
 
@@ -185,17 +181,17 @@ def skip_draws(numel: int, dtype: torch.dtype, device, density: float) -> None:
 @dataclass(frozen=True)
 class Sparsifier:
     whole: Callable[..., torch.Tensor]  # (task vector, density, rescale, **extra) -> sparsified
-    select: Callable[..., Selection]  # (runs, numel, dtype, device, density, rescale, **extra)
+    select: Callable[..., Selection]  # (runs, numel, dtype, device, density, rescale, **extra, stream=replay or None)
     randomized: bool = False
 
     def streams(self, device: str) -> bool:
         """Whether ``select`` reproduces ``whole`` on this device (DARE's draws in runs: on the CPU only)."""
         return not self.randomized or torch.device(device).type == "cpu"
 
-    def skip(self, numel: int, dtype: torch.dtype, device, density: float) -> None:
+    def skip(self, numel: int, dtype: torch.dtype, device, density: float, stream=None) -> None:
         """What sparsifying an all-zero task vector leaves behind besides zeros: the generator's draws."""
         if self.randomized:
-            skip_draws(numel, dtype, device, density)
+            skip_draws(numel, dtype, device, density, stream)
 
 
 SPARSIFIERS = {

@@ -6,10 +6,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from merger.engine.safetensors_io import PlannedFile, StoredTensor, load
+
+if TYPE_CHECKING:
+    from merger.engine.draws import Stream
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # per run of a large tensor
 
@@ -20,6 +24,7 @@ class Inputs:
     load_dtype: torch.dtype | None  # the config's ``dtype``, applied at load
     dtype: torch.dtype  # what the method sees: the load dtype, then promotion over the inputs
     device: str
+    draws: "Stream | None" = None  # DARE on the CPU: the generator's replay at this tensor's first draw
     held: dict = field(default_factory=dict, compare=False)  # inputs of a tensor that is one run, read once
 
     @property
