@@ -97,20 +97,15 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(torch.uint16).numpy()
 
 
-def slerp_products(first, second, norm_first, norm_second):
-    """(first / norm_first) * (second / norm_second) of flat bfloat16 runs, in float32."""
-    out = torch.empty(first.numel(), dtype=torch.float32)
+def slerp_products(first: torch.Tensor, second: torch.Tensor, norm_first: float, norm_second: float, out: torch.Tensor) -> None:
+    """out = (first / norm_first) * (second / norm_second) of flat bfloat16 runs, in float32."""
     _slerp_products(_bits(first), _bits(second), np.float32(norm_first), np.float32(norm_second), out.numpy())
-    return out
 
 
-def slerp_mix(first, second, coef_first, coef_second):
-    """coef_first * first + coef_second * second of flat bfloat16 runs, computed in float32, as bfloat16; None where
-    torch must decide."""
-    out = torch.empty(first.numel(), dtype=torch.bfloat16)
-    if _slerp_mix(_bits(first), _bits(second), np.float32(coef_first), np.float32(coef_second), _bits(out)):
-        return out
-    return None
+def slerp_mix(first: torch.Tensor, second: torch.Tensor, coef_first: float, coef_second: float, out: torch.Tensor) -> bool:
+    """out = coef_first * first + coef_second * second of flat bfloat16 runs, computed in float32, as bfloat16;
+    False where torch must decide."""
+    return _slerp_mix(_bits(first), _bits(second), np.float32(coef_first), np.float32(coef_second), _bits(out))
 
 
 def linear_combine(rows: torch.Tensor, weights: torch.Tensor, normalize: bool, divisor: torch.Tensor, out: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from merger.engine.sparsify import SPARSIFIERS, Sparsifier
+from merger.engine.safetensors_io import load
 from merger.engine.stream import Inputs, Output, in_threads, scratch
 from merger.merge_methods import NATIVE_METHODS, BasePolicy, ParameterScope
 
@@ -35,7 +36,11 @@ class Method:
     per_non_base: tuple[Param, ...] = ()
     exact_inputs: int | None = None
     randomized: bool = False
-    tensors_at_once: bool = False  # its tensors may be merged concurrently, on single-threaded torch
+    tensors_at_once: bool = False  # its tensors may be merged concurrently, on single-threaded torch (see run.execute)
+    # glibc's mmap threshold while it runs (see run._large_allocations_unmapped): slerp's passes over runs of several
+    # sizes grew glibc's heap by a gigabyte unless every block of 1 MB or more was mapped afresh; task arithmetic's
+    # blocks come in a few sizes per tensor, and mapping each afresh cost seconds of page faults
+    mmap_threshold: int = 1 << 20
 
     def check_inputs(self, count: int, has_base: bool) -> None:
         from merger.engine.config import Unsupported
@@ -122,13 +127,19 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
         return
     spans = inputs.spans(multiple=SLERP_CHUNK)
     fused = inputs.stored_as(torch.bfloat16) and out.dtype == torch.bfloat16
-    if fused:
-        from merger.engine import bf16  # numba compiles (or loads its cache) on first use
+    if fused:  # compiled loops, and each thread's scratch buffers instead of fresh temporaries
+        from merger.engine import bf16
 
     def read(span: slice) -> tuple[slice, torch.Tensor, torch.Tensor]:
+        if fused and not held_:
+            count = span.stop - span.start
+            a, b = (load(inputs.stored[i], span, out=scratch(f"slerp-{i}", count, torch.bfloat16)) for i in (first, second))
+            return span, a.reshape(1, -1), b.reshape(1, -1)
         return span, inputs.read(first, span).reshape(1, -1), inputs.read(second, span).reshape(1, -1)
 
+    held_ = False
     held = [read(spans[0])] if len(spans) == 1 else None
+    held_ = held is not None
 
     def pairs():
         return iter(held) if held else map(read, spans)
@@ -136,11 +147,16 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
     def chunks(span: slice) -> list[slice]:
         return [slice(start, start + SLERP_CHUNK) for start in range(0, span.stop - span.start, SLERP_CHUNK)]
 
+    def widened(run: torch.Tensor) -> torch.Tensor:
+        if fused:
+            return scratch("slerp-widened", run.numel(), dtype).view(run.shape).copy_(run)
+        return run.to(dtype)
+
     parts_a, parts_b = [], []
     for span, a, b in pairs():
         for c in chunks(span):
-            parts_a.append(torch.linalg.vector_norm(a[:, c].to(dtype), dim=1, keepdim=True))
-            parts_b.append(torch.linalg.vector_norm(b[:, c].to(dtype), dim=1, keepdim=True))
+            parts_a.append(torch.linalg.vector_norm(widened(a[:, c]), dim=1, keepdim=True))
+            parts_b.append(torch.linalg.vector_norm(widened(b[:, c]), dim=1, keepdim=True))
 
     def norm(parts: list[torch.Tensor]) -> torch.Tensor:
         value = torch.linalg.vector_norm(torch.stack(parts), dim=0)
@@ -150,7 +166,9 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
 
     def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if fused:
-            return bf16.slerp_products(a[0], b[0], norm_a.item(), norm_b.item()).reshape(1, -1)
+            result = scratch("slerp-products", a.numel(), dtype)
+            bf16.slerp_products(a[0], b[0], norm_a.item(), norm_b.item(), result)
+            return result.reshape(1, -1)
         return (a.to(dtype) / norm_a) * (b.to(dtype) / norm_b)
 
     dots = [products(a[:, c], b[:, c]).sum(dim=1, keepdim=True) for span, a, b in pairs() for c in chunks(span)]
@@ -161,13 +179,12 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
     coef_a = torch.where(linear_, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(linear_, t, torch.sin(t * theta) / sin_theta)
 
-    def mixed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if fused and (result := bf16.slerp_mix(a[0], b[0], coef_a.item(), coef_b.item())) is not None:
-            return result
-        return (coef_a * a.to(dtype) + coef_b * b.to(dtype)).to(inputs.dtype)[0]
-
     for span, a, b in pairs():
-        out.write(torch.cat([mixed(a[:, c], b[:, c]) for c in chunks(span)]), span.start)
+        result = scratch("slerp-result", span.stop - span.start, inputs.dtype)
+        for c in chunks(span):
+            if not (fused and bf16.slerp_mix(a[0, c], b[0, c], coef_a.item(), coef_b.item(), result[c])):
+                result[c] = (coef_a * a[:, c].to(dtype) + coef_b * b[:, c].to(dtype)).to(inputs.dtype)[0]
+        out.write(result, span.start)
 
 
 @dataclass(frozen=True)
@@ -251,7 +268,8 @@ class TaskArithmetic:
         return mixed
 
     def method(self, name: str) -> Method:
-        return Method(name, self, **_declared(name), randomized=self.sparsification == "random", tensors_at_once=True)
+        return Method(name, self, **_declared(name), randomized=self.sparsification == "random", tensors_at_once=True,
+                      mmap_threshold=32 << 20)
 
 
 def _task_vector(inputs: Inputs, base_index: int, i: int):

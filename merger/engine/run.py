@@ -104,10 +104,10 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
     shards = merge.shards()
     files = [PlannedFile(out_dir / name, {t.name: t.spec for t in shard}) for name, shard in zip(_shard_names(len(shards)), shards)]
     where = {t.name: f for f, shard in zip(files, shards) for t in shard}
-    _large_allocations_unmapped()
+    _large_allocations_unmapped(method.mmap_threshold)
     load_dtype = _dtype(config.dtype)
     base_index = config.models.index(config.base) if config.base is not None and method.needs_base else None
-    threads = torch.get_num_threads() if method.tensors_at_once and device == "cpu" else 1
+    threads = torch.get_num_threads() if _at_once(merge, device) else 1
     try:
         with _single_thread(method.randomized or threads > 1):
             if seed is not None:
@@ -134,6 +134,16 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
     for name in TOKENIZER_FILES:
         if (merge.donor / name).exists():
             shutil.copyfile(merge.donor / name, out_dir / name)
+
+
+def _at_once(merge: MergePlan, device: str) -> bool:
+    """Whether tensors may be merged concurrently, each on one torch thread, and still give mergekit's bits: a method
+    that allows it, on the CPU, either randomized (mergekit's result is reproducible on one thread only, and the
+    engine matches that) or summing no whole tensor (rescaling sums in an order that depends on the threads)."""
+    config = merge.config
+    if not config.method.tensors_at_once or device != "cpu":
+        return False
+    return config.method.randomized or not any(config.shared(t.name, t.t)["rescale"] for t in merge.tensors)
 
 
 def _draw_streams(merge: MergePlan, base_index: int | None) -> list["Stream"]:
@@ -212,10 +222,10 @@ def _write_config(merge: MergePlan, out_dir: Path) -> None:
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _large_allocations_unmapped(threshold: int = 1024 * 1024) -> None:
+def _large_allocations_unmapped(threshold: int) -> None:
     """Runs of a large tensor come and go in several sizes; glibc's heap keeps what they free (its mmap threshold
     rises to the largest block freed), which grew RSS by a gigabyte over slerp's passes on a 168M-element
-    embedding. A fixed threshold maps each large block and returns it on free."""
+    embedding. A fixed threshold (each method's) maps every larger block and returns it on free."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
     except OSError:  # not glibc
