@@ -17,7 +17,7 @@ from merger.errors import Cancelled
 from merger.evaluation import harness, metrics
 from merger.evaluation.datasets import GENERATION, KL_DIVERGENCE, LM_EVAL, PERPLEXITY, DataError, DataFile, read_examples, read_text
 from merger.evaluation.runtimes import (CannotEvaluate, LlamaCpp, LoadedModel, Runtime, Transformers, TransformersGGUF, adapt_threads,
-                                       evaluation_threads, runtime_for, stored_dtype)
+                                       auto_dtype, evaluation_threads, runtime_for)
 from merger.hashing import digest_json
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
 from merger.store import Store
@@ -29,7 +29,7 @@ MODEL_ROLES = ("base", "donor")
 class Options:
     limit: int | None = None  # examples per task file, windows of text, documents of an lm-eval task
     parents: bool = True
-    dtype: str = "auto"  # transformers runtimes; auto: as the weights are stored (see runtimes.stored_dtype)
+    dtype: str = "auto"  # transformers runtimes; auto: see runtimes.auto_dtype
     runtime: str = "auto"  # auto | transformers | llama.cpp (GGUF models)
     window: int = 512  # perplexity window, in tokens
     batch_size: int = metrics.DEFAULT_BATCH  # sequences per forward pass: windows, examples, lm-eval requests
@@ -231,7 +231,7 @@ def _runtime(model_dir: Path, item: DataFile, options: Options) -> Runtime:
 
 
 def _dtype(model_dir: Path, options: Options) -> str:
-    return stored_dtype(model_dir) if options.dtype == "auto" else options.dtype
+    return auto_dtype(model_dir) if options.dtype == "auto" else options.dtype
 
 
 def _settings(subject: Subject, metric: str, runtime: Runtime, options: Options, dtype: str) -> dict:
