@@ -464,6 +464,8 @@ class LlamaCppModel:
         import llama_cpp
         import numpy as np
 
+        threads = torch.get_num_threads()  # what evaluation_threads chose last: the cores idle now
+        llama_cpp.llama_set_n_threads(self.llm._ctx.ctx, threads, threads)  # n_threads_batch: every multi-token decode
         self.llm._ctx.kv_cache_seq_rm(0, position, -1)
         batch = self._batch
         batch.n_tokens = len(tokens)
@@ -516,7 +518,7 @@ class LlamaCpp:
             with native_stderr():  # llama.cpp notes its cache layout on every load, verbose=False or not
                 # one decode takes a whole sequence (llama.cpp splits it into micro-batches of n_ubatch)
                 llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_MAX_CONTEXT, n_batch=LLAMA_CPP_MAX_CONTEXT, n_ubatch=512,
-                            n_threads=torch.get_num_threads(), verbose=False)
+                            verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise CannotEvaluate(f"{path}: llama.cpp {version('llama_cpp_python')} can't load it ({exc})") from None
         return LlamaCppModel(llm)
