@@ -35,7 +35,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 GGUF_DTYPE = "float32"  # what transformers dequantizes a GGUF file to, unless told otherwise
 LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits one transformers forward pass may hold
 LLAMA_CPP_MAX_CONTEXT = 4096  # llama.cpp's context (KV cache) is capped here, or at the model's trained context
-BLOCK_ROWS = 32  # logits rows computed and reduced together: 32 MB of float32 with a 262,144-token vocabulary
+BLOCK_ROWS = 64  # logits rows computed and reduced together: 64 MB of float32 with a 262,144-token vocabulary
 MATRIX_UNITS = {"bfloat16": "amx_bf16", "float16": "amx_fp16"}  # CPU flags of native half-precision matrix units
 
 
