@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from functools import partial
+from functools import cached_property, partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -186,7 +186,6 @@ class HFModel:
         self.runtime, self.model, self.tokenizer = runtime, model.eval(), tokenizer
         self.context_length = getattr(model.config, "max_position_embeddings", None) or 2048
         self.decodes_by_appending = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
-        self._head = self._split_head()
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special).input_ids
@@ -225,6 +224,10 @@ class HFModel:
             return lambda row, start, stop: logits[row, start:stop].float()
         hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         return lambda row, start, stop: self._head(hidden[row, start:stop]).float()
+
+    @cached_property
+    def _head(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._split_head()
 
     def _split_head(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The output layer alone, run on the decoder's last hidden states: the output embeddings, then Gemma's
