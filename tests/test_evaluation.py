@@ -523,6 +523,22 @@ def test_llama_cpp_logits_read_in_place_are_llama_cpp_pythons(settings, store, e
     assert lm.greedy(ids[:9], 1) == [int(scores[8].argmax())]
 
 
+def test_a_gguf_header_is_read_as_ggufs_reader_reads_it(eval_root, tmp_path):
+    from gguf import GGUFReader
+
+    from merger.modelfiles import ModelDirError, inspect_dir
+
+    (tmp_path / "model").mkdir()
+    gguf = write_llama_gguf(eval_root / "llama-spm", tmp_path / "model" / "model-f32.gguf")  # metadata: strings, arrays of them
+    reader = GGUFReader(gguf)
+    info = inspect_dir(gguf.parent)
+    assert info.model_type == reader.get_field("general.architecture").contents() == "llama"
+    assert info.tensors == {t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+    gguf.write_bytes(gguf.read_bytes()[:2000])  # cut inside the metadata
+    with pytest.raises(ModelDirError, match="not a readable GGUF file"):
+        inspect_dir(gguf.parent)
+
+
 def test_quantize_then_evaluate_compares_the_gguf_with_its_source(settings, store, eval_root):
     from merger.gguf_tools import GgufToolsMissing, find_converter
 
