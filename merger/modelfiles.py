@@ -1,9 +1,10 @@
-"""Reading model and adapter directories without loading weights: configs and safetensors headers only.
+"""Reading model and adapter directories without loading weights: configs, safetensors and GGUF headers only.
 
 Pickle-based weights (.bin .pt .pth .pkl .ckpt) can execute code when loaded, so a directory holding
 any is refused by name; so is one that holds Python files or whose config names code of its own to import
 (``auto_map``: it needs ``trust_remote_code``, which merger never grants).
-A directory holding one ``.gguf`` file and no safetensors is a GGUF model (what the quantize stage writes).
+A directory holding one ``.gguf`` file and no safetensors is a GGUF model (what the quantize stage writes); its
+header is read, not its metadata values.
 """
 
 import json
