@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from merger.errors import Cancelled, RecipeError
-from merger.evaluation import harness
+from merger.evaluation import harness, runtimes
 from merger.evaluation.datasets import DataError, task_file, text_file
 from merger.evaluation.runtimes import CannotEvaluate, Transformers, llama_cpp_available
 from merger.evaluation.suite import Options, evaluate
@@ -108,7 +108,8 @@ def hand_perplexity(model_dir: Path, text: str, window: int) -> float:
 
 
 @pytest.mark.parametrize("name, text", [("llama-base", "words.txt"), ("gemma3-base", "words.txt"), ("eval/llama-spm", "spm.txt")])
-def test_perplexity_matches_a_hand_computation(settings, store, model_root, eval_root, name, text):
+def test_perplexity_matches_a_hand_computation(settings, store, model_root, eval_root, name, text, monkeypatch):
+    monkeypatch.setattr(runtimes, "BLOCK_ROWS", 5)  # a window's 31 rows of logits in 7 blocks
     path = eval_root / "data" / text
     model = registered(store, model_root, name)
     report = evaluate(store, [model], [text_file(path, text)], Options(window=32, batch_size=3, parents=False, dtype="float32"))
@@ -119,14 +120,42 @@ def test_perplexity_matches_a_hand_computation(settings, store, model_root, eval
     assert result.row.runtime == "transformers" and not result.cache_hit
 
 
-def test_transformers_runs_a_model_as_its_weights_are_stored_unless_told(settings, store, model_root, eval_root):
+@pytest.mark.parametrize("name, cap", [("gemma3-base", None), ("gemma3-base", 0.05), ("llama-base", None)])
+def test_the_output_layer_on_blocks_of_rows_gives_the_models_own_logits(model_root, name, cap, monkeypatch):
+    monkeypatch.setattr(runtimes, "HEAD_ROWS", 8)
+    lm = Transformers().load(model_root / name, dtype="float32")
+    lm.model.config.final_logit_softcapping = cap  # Gemma's forward caps its logits with it
+    lm._head = lm._split_head()
+    ids = list(range(4, 40))
+    rows = lm.next_token_logits(ids)
+    with torch.no_grad():
+        expected = lm.model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        uncapped = lm.model.get_output_embeddings()(lm.model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state)
+    blocks = [rows(0, 5), rows(5, 8), rows(8, 11), rows(11, 27), rows(27, 35)]  # within one block of 8, and across
+    assert lm._head is not None and torch.allclose(torch.cat(blocks), expected, rtol=1e-5, atol=1e-7)
+    if cap is not None:  # the capping is in effect
+        assert expected.abs().max() < cap < uncapped.abs().max()
+
+
+def test_a_head_that_does_not_give_the_models_logits_is_not_split(model_root):
+    lm = Transformers().load(model_root / "llama-base", dtype="float32")
+    lm.model.config.final_logit_softcapping = 1e-3  # Llama's forward ignores it: capping alone would be wrong
+    assert lm._split_head() is None
+
+
+def test_auto_dtype_is_float32_unless_the_cpu_has_matrix_units_for_the_stored_one(settings, store, model_root, eval_root, monkeypatch):
     model = registered(store, model_root, "llama-base")  # stored in bfloat16
     data = text_file(eval_root / "data" / "words.txt", "words.txt")
-    stored, as_float32 = (evaluate(store, [model], [data], Options(window=32, limit=2, parents=False, dtype=dtype)).results[0]
-                          for dtype in ("auto", "float32"))
-    assert stored.row.settings["dtype"] == "bfloat16" and as_float32.row.settings["dtype"] == "float32"
-    assert stored.row.values["perplexity"] != as_float32.row.values["perplexity"]
-    assert evaluate(store, [model], [data], Options(window=32, limit=2, parents=False, dtype="bfloat16")).results[0].cache_hit
+
+    def auto_on(flags: set[str]):
+        monkeypatch.setattr(runtimes, "_cpu_flags", lambda: flags)
+        return evaluate(store, [model], [data], Options(window=32, limit=2, parents=False, dtype="auto")).results[0]
+
+    without_amx, with_amx = auto_on({"avx512_bf16"}), auto_on({"avx512_bf16", "amx_bf16"})
+    assert without_amx.row.settings["dtype"] == "float32" and with_amx.row.settings["dtype"] == "bfloat16"
+    assert without_amx.row.values["perplexity"] != with_amx.row.values["perplexity"]
+    for dtype in ("float32", "bfloat16"):
+        assert evaluate(store, [model], [data], Options(window=32, limit=2, parents=False, dtype=dtype)).results[0].cache_hit
 
 
 def test_perplexity_limit_counts_windows(settings, store, eval_root):
@@ -477,6 +506,39 @@ def test_guessed_continuations_change_no_greedy_token_under_llama_cpp(settings, 
     assert_guesses_change_no_token(lm, [lm.encode(" ".join(rng.choice(WORDS) for _ in range(n)), special=True) for n in (3, 1, 6, 2, 4)], 4)
 
 
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_logits_read_in_place_are_llama_cpp_pythons(settings, store, eval_root, tmp_path):
+    from llama_cpp import Llama
+
+    from merger.evaluation.runtimes import LlamaCpp
+
+    gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path)
+    lm = LlamaCpp().load(store.path_of(gguf), dtype="float32")
+    ids = lm.encode(word_text(40, seed=6, words=WORDS), special=True)
+    llm = Llama(model_path=str(next(store.path_of(gguf).glob("*.gguf"))), n_ctx=len(ids), logits_all=True, verbose=False)
+    llm.eval(ids)
+    scores = torch.from_numpy(llm.scores[:len(ids)])
+    rows = lm.next_token_logits(ids)
+    assert torch.allclose(torch.cat([rows(0, 7), rows(7, len(ids) - 1)]), scores[:-1], rtol=1e-5, atol=1e-6)
+    assert lm.greedy(ids[:9], 1) == [int(scores[8].argmax())]
+
+
+def test_a_gguf_header_is_read_as_ggufs_reader_reads_it(eval_root, tmp_path):
+    from gguf import GGUFReader
+
+    from merger.modelfiles import ModelDirError, inspect_dir
+
+    (tmp_path / "model").mkdir()
+    gguf = write_llama_gguf(eval_root / "llama-spm", tmp_path / "model" / "model-f32.gguf")  # metadata: strings, arrays of them
+    reader = GGUFReader(gguf)
+    info = inspect_dir(gguf.parent)
+    assert info.model_type == reader.get_field("general.architecture").contents() == "llama"
+    assert info.tensors == {t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors}
+    gguf.write_bytes(gguf.read_bytes()[:2000])  # cut inside the metadata
+    with pytest.raises(ModelDirError, match="not a readable GGUF file"):
+        inspect_dir(gguf.parent)
+
+
 def test_quantize_then_evaluate_compares_the_gguf_with_its_source(settings, store, eval_root):
     from merger.gguf_tools import GgufToolsMissing, find_converter
 
@@ -514,8 +576,10 @@ def hand_kl(source_dir: Path, quantized_dir: Path, text: str, window: int) -> tu
     return kl / scored, agree / scored, scored
 
 
-def test_kl_divergence_of_a_quantized_model_matches_a_hand_computation(settings, store, model_root, eval_root, tmp_path):
+def test_kl_divergence_of_a_quantized_model_matches_a_hand_computation(settings, store, model_root, eval_root, tmp_path, monkeypatch):
     import shutil
+
+    monkeypatch.setattr(runtimes, "BLOCK_ROWS", 5)  # a window's 31 rows of logits in 7 blocks
 
     from rich.console import Console
 

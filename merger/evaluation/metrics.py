@@ -75,9 +75,12 @@ def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str,
     their most likely tokens agree. The same passes give the source's perplexity, and each model's where it
     tokenizes the text as the source does.
 
-    A window at a time: its distributions are length × vocabulary floats per model; the source's serve all.
+    A window at a time, each model's logits a block of rows at a time: every statistic of a block is taken
+    while it is in cache (a window's are length × vocabulary floats per model; the source's serve all).
     """
     import torch
+
+    from merger.evaluation.runtimes import BLOCK_ROWS
 
     windows = perplexity_windows(source, text, window)[:limit or None]
     same_windows = [perplexity_windows(lm, text, window)[:limit or None] == windows for lm in models]
@@ -86,21 +89,35 @@ def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str,
     step(0, len(windows))
     for done, ids in enumerate(windows, start=1):
         started = time.perf_counter()
-        reference = source.next_token_logprobs(ids)
-        targets = torch.tensor(ids[1:])[:, None]
-        source_nll -= float(reference.gather(-1, targets).double().sum())
-        source_seconds += time.perf_counter() - started
-        shared = (time.perf_counter() - started) / len(models)
+        source_rows = source.next_token_logits(ids)
+        shared = [time.perf_counter() - started]  # the source's time, split evenly between the models
+        model_rows = []
         for i, lm in enumerate(models):
             started = time.perf_counter()
-            logprobs = lm.next_token_logprobs(ids)
-            if logprobs.shape != reference.shape:
-                raise DataError(f"a quantized model's vocabulary ({logprobs.shape[-1]}) differs from its source's "
-                                f"({reference.shape[-1]}); their distributions can't be compared")
-            kl[i] += float((reference.exp() * (reference - logprobs)).sum(-1).double().sum())
-            agree[i] += int((reference.argmax(-1) == logprobs.argmax(-1)).sum())
-            nll[i] -= float(logprobs.gather(-1, targets).double().sum())
-            seconds[i] += shared + time.perf_counter() - started
+            model_rows.append(lm.next_token_logits(ids))
+            seconds[i] += time.perf_counter() - started
+        for start in range(0, len(ids) - 1, BLOCK_ROWS):
+            started = time.perf_counter()
+            stop = min(start + BLOCK_ROWS, len(ids) - 1)
+            targets = torch.tensor(ids[start + 1:stop + 1])[:, None]
+            reference = source_rows(start, stop)
+            reference = reference - reference.logsumexp(-1, keepdim=True)
+            probabilities, reference_top = reference.exp(), reference.argmax(-1)
+            source_nll -= float(reference.gather(-1, targets).double().sum())
+            shared.append(time.perf_counter() - started)
+            for i, rows in enumerate(model_rows):
+                started = time.perf_counter()
+                logprobs = rows(start, stop)
+                if logprobs.shape != reference.shape:
+                    raise DataError(f"a quantized model's vocabulary ({logprobs.shape[-1]}) differs from its source's "
+                                    f"({reference.shape[-1]}); their distributions can't be compared")
+                logprobs = logprobs - logprobs.logsumexp(-1, keepdim=True)
+                kl[i] += float((probabilities * (reference - logprobs)).sum(-1).double().sum())
+                agree[i] += int((reference_top == logprobs.argmax(-1)).sum())
+                nll[i] -= float(logprobs.gather(-1, targets).double().sum())
+                seconds[i] += time.perf_counter() - started
+        source_seconds += sum(shared)
+        seconds = [s + sum(shared) / len(models) for s in seconds]
         step(done, len(windows))
     scored, tokens = sum(len(ids) - 1 for ids in windows), sum(map(len, windows))
     return Comparison(

@@ -18,23 +18,32 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from functools import partial
+from functools import cached_property, partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from merger.errors import MergerError
 from merger.gguf_tools import native_stderr
 
+if TYPE_CHECKING:
+    import numpy as np
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_DTYPE = "float32"  # what transformers dequantizes a GGUF file to, unless told otherwise
 LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits one transformers forward pass may hold
-LLAMA_CPP_MAX_CONTEXT = 4096  # llama-cpp-python keeps logits for every position: context × vocabulary floats
+LLAMA_CPP_MAX_CONTEXT = 4096  # llama.cpp's context (KV cache) is capped here, or at the model's trained context
+# Logits rows reduced together: 16 MB of float32 with a 262,144-token vocabulary, so that glibc's malloc serves their
+# temporaries from its heap (above 32 MiB it maps fresh pages for each, and the page faults took more time than the math)
+BLOCK_ROWS = 16
+HEAD_ROWS = 8 * BLOCK_ROWS  # rows the output layer computes at once (its weights, 0.7 GB for Gemma 3 270M, read once per block)
+MATRIX_UNITS = {"bfloat16": "amx_bf16", "float16": "amx_fp16"}  # CPU flags of native half-precision matrix units
 
 
 Settled = Callable[[int, list[int]], bool]
+Rows = Callable[[int, int], torch.Tensor]  # rows(start, stop): float32 logits of those positions, (stop - start) × vocabulary
 
 
 class CannotEvaluate(MergerError):
@@ -55,8 +64,9 @@ class LoadedModel(Protocol):
     def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """For each sequence, log p(token[t] | tokens[:t]) for t = 1..len-1 (float32)."""
 
-    def next_token_logprobs(self, ids: list[int]) -> torch.Tensor:
-        """log p(· | ids[:t]) over the whole vocabulary for t = 1..len-1: (len - 1) × vocabulary, float32."""
+    def next_token_logits(self, ids: list[int]) -> Rows:
+        """The logits of the token after each of ``ids[:-1]``, handed out a block of rows at a time (a whole
+        window's are len × vocabulary floats): ``rows(start, stop)``, valid until this model's next call."""
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of ``ids``: at most ``max_new_tokens``, ending at an end-of-sequence token."""
@@ -133,6 +143,22 @@ def stored_dtype(model_dir: Path) -> str:
     return named if named in DTYPES else "float32"
 
 
+def auto_dtype(model_dir: Path) -> str:
+    """What ``dtype: auto`` runs a model in under transformers (on the CPU): as stored where the CPU multiplies
+    that dtype's matrices natively (AMX), else float32. Without AMX, torch's bfloat16 matmuls are slower than
+    float32 ones (a 512-token Gemma 3 270M forward pass: 2.0-2.6 s against 1.4 s on an AVX-512 Xeon)."""
+    stored = stored_dtype(model_dir)
+    return stored if stored == "float32" or MATRIX_UNITS.get(stored) in _cpu_flags() else "float32"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
+
+
 def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
@@ -171,6 +197,8 @@ class HFModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        if self._head is not None:  # the body once, the output layer on a block of rows at a time
+            return self._logprobs(sequences)
         # a forward pass holds logits for every position: sequences × length × vocabulary floats (Gemma 3's
         # 262,144-token vocabulary makes that 0.5 GB per 512-token window), so passes are sized to a budget
         vocabulary = self.model.get_output_embeddings().weight.shape[0]
@@ -185,17 +213,54 @@ class HFModel:
         for row, seq in enumerate(sequences):  # right-padded: padding never precedes a scored token
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        picked = []
-        for row, seq in enumerate(sequences):  # one row at a time: no second copy of all the logits
-            scores = logits[row, : len(seq) - 1].float()
-            targets = ids[row, 1 : len(seq), None]
-            picked.append(scores.gather(-1, targets)[:, 0] - scores.logsumexp(-1))
-        return picked
+        rows = self._rows(ids, mask)
+        return [token_logprobs(partial(rows, row), seq) for row, seq in enumerate(sequences)]
+
+    def next_token_logits(self, ids: list[int]) -> Rows:
+        return partial(self._rows(torch.tensor([ids]), None), 0)
 
     @torch.inference_mode()
-    def next_token_logprobs(self, ids: list[int]) -> torch.Tensor:
-        return torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    def _rows(self, ids: torch.Tensor, mask: torch.Tensor | None) -> Callable[[int, int, int], torch.Tensor]:
+        """``rows(sequence, start, stop)``: float32 logits at those positions of one of ``ids``' sequences."""
+        if self._head is None:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            return lambda row, start, stop: logits[row, start:stop].float()
+        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        computed = {}  # the output layer's last block: (sequence, first position) -> logits
+
+        def rows(row: int, start: int, stop: int) -> torch.Tensor:
+            first = start - start % HEAD_ROWS  # blocks of HEAD_ROWS positions, each computed once
+            if stop > first + HEAD_ROWS:  # across blocks: those rows alone
+                return self._head(hidden[row, start:stop]).float()
+            if (row, first) not in computed:
+                computed.clear()
+                computed[row, first] = self._head(hidden[row, first:first + HEAD_ROWS]).float()
+            return computed[row, first][start - first:stop - first]
+
+        return rows
+
+    @cached_property
+    def _head(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._split_head()
+
+    def _split_head(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The output layer alone, run on the decoder's last hidden states: the output embeddings, then Gemma's
+        final soft-capping where the config has one. None unless that gives exactly the model's logits (on a few
+        tokens, now): then only whole forward passes are used."""
+        head, cap = self.model.get_output_embeddings(), getattr(self.model.config, "final_logit_softcapping", None)
+
+        @torch.inference_mode()
+        def run(hidden: torch.Tensor) -> torch.Tensor:
+            logits = head(hidden)
+            return logits if cap is None else torch.tanh(logits / cap) * cap
+
+        probe = torch.tensor([[self._pad(), 1, 2, 3]]) % self.model.config.vocab_size
+        with torch.inference_mode():
+            try:
+                hidden = self.model.get_decoder()(input_ids=probe).last_hidden_state
+            except (AttributeError, TypeError, ValueError):  # no decoder of that shape
+                return None
+            return run if torch.equal(run(hidden), self.model(input_ids=probe).logits) else None
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         return self.greedy_batch([ids], [max_new_tokens])[0]
@@ -284,6 +349,16 @@ class _Done:
         return torch.tensor(self.finished)
 
 
+def token_logprobs(rows: Rows, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = 1..len-1 from a sequence's logits, a block of rows at a time."""
+    picked = []
+    for start in range(0, len(ids) - 1, BLOCK_ROWS):
+        logits = rows(start, min(start + BLOCK_ROWS, len(ids) - 1))
+        targets = torch.tensor(ids[start + 1:start + 1 + len(logits)])[:, None]
+        picked.append(logits.gather(-1, targets)[:, 0] - logits.logsumexp(-1))
+    return torch.cat(picked)
+
+
 def _never(row: int, tokens: list[int]) -> bool:
     return False
 
@@ -367,14 +442,22 @@ def _loading(where: Path, load):
 
 
 class LlamaCppModel:
+    """A llama.cpp model, decoded through llama.cpp's batch API: logits only at the positions asked for, read in
+    place from llama.cpp's buffer (llama-cpp-python's ``Llama.eval`` keeps every position's and copies them)."""
+
     def __init__(self, llm):
         import llama_cpp
 
         self.runtime, self.llm = LlamaCpp.name, llm
-        self.context_length = llm.n_ctx()
+        self.context_length = min(llm.n_ctx(), llm._model.n_ctx_train())
         self.decodes_by_appending = True
-        self._vocab = llm._model.vocab
+        self._vocab, self._vocabulary = llm._model.vocab, llm.n_vocab()
         self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._batch = llama_cpp.llama_batch_init(llm.n_ctx(), 0, 1)
+        self._free_batch = llama_cpp.llama_batch_free
+
+    def __del__(self):
+        self._free_batch(self._batch)
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=special, special=False)
@@ -383,14 +466,32 @@ class LlamaCppModel:
         return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        # llama-cpp-python's Llama evaluates one sequence at a time
-        return [self.next_token_logprobs(seq).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0] for seq in sequences]
+        # one sequence at a time
+        return [token_logprobs(self.next_token_logits(seq), seq) for seq in sequences]
 
-    def next_token_logprobs(self, ids: list[int]) -> torch.Tensor:
+    def next_token_logits(self, ids: list[int]) -> Rows:
         self._check_fits(len(ids))
-        self.llm.reset()
-        self.llm.eval(ids)
-        return torch.log_softmax(torch.from_numpy(self.llm.scores[: len(ids) - 1].copy()), dim=-1)
+        logits = torch.from_numpy(self._decode(ids, 0, range(len(ids) - 1)))
+        return lambda start, stop: logits[start:stop]
+
+    def _decode(self, tokens: list[int], position: int, outputs: range) -> "np.ndarray":
+        """Run ``tokens`` from ``position`` on (the cache keeps what precedes it); the logits after the tokens at
+        ``outputs`` (indices into ``tokens``): len(outputs) × vocabulary, a view of llama.cpp's buffer, valid
+        until the next decode."""
+        import llama_cpp
+        import numpy as np
+
+        threads = torch.get_num_threads()  # what evaluation_threads chose last: the cores idle now
+        llama_cpp.llama_set_n_threads(self.llm._ctx.ctx, threads, threads)  # n_threads_batch: every multi-token decode
+        self.llm._ctx.kv_cache_seq_rm(0, position, -1)
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, position + i, 1, 0
+            batch.logits[i] = i in outputs
+        if llama_cpp.llama_decode(self.llm._ctx.ctx, batch) != 0:
+            raise CannotEvaluate(f"llama.cpp could not decode {len(tokens)} tokens at position {position}")
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm._ctx.ctx), shape=(len(outputs), self._vocabulary))
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         return self.greedy_batch([ids], [max_new_tokens])[0]
@@ -404,18 +505,16 @@ class LlamaCppModel:
     def _greedy(self, ids: list[int], max_new_tokens: int, guess: list[int], settled: Callable[[list[int]], bool]) -> list[int]:
         self._check_fits(len(ids) + max_new_tokens)
         guess = list(guess[:max(max_new_tokens - 1, 0)])
-        self.llm.reset()
-        self.llm.eval(ids + guess)
-        predicted = self.llm.scores[len(ids) - 1:len(ids) + len(guess)].argmax(-1).tolist()
+        # logits after the prompt and after each guessed token only
+        predicted = self._decode(ids + guess, 0, range(len(ids) - 1, len(ids) + len(guess))).argmax(-1).tolist()
         agreed = next((i for i, (g, p) in enumerate(zip(guess, predicted)) if g != p), len(guess))
         new = predicted[:min(agreed + 1, max_new_tokens)]
         ends = next((i for i, token in enumerate(new) if self._is_eog(self._vocab, token)), None)
         if ends is not None:
             return new[:ends + 1]
-        self.llm.n_tokens = len(ids) + len(new) - 1  # the next eval drops the cache beyond: the guess's rejected tail
         while new and len(new) < max_new_tokens and not settled(new):
-            self.llm.eval(new[-1:])
-            new.append(int(self.llm.scores[self.llm.n_tokens - 1].argmax()))
+            # the cache keeps the prompt and the agreed tokens; the guess's rejected tail is dropped
+            new.append(int(self._decode(new[-1:], len(ids) + len(new) - 1, range(1)).argmax()))
             if self._is_eog(self._vocab, new[-1]):
                 break
         return new
@@ -434,21 +533,12 @@ class LlamaCpp:
         path = gguf_file(model_dir)
         try:
             with native_stderr():  # llama.cpp notes its cache layout on every load, verbose=False or not
-                llm = Llama(model_path=str(path), n_ctx=min(_trained_context(path), LLAMA_CPP_MAX_CONTEXT), logits_all=True,
-                            n_threads=torch.get_num_threads(), verbose=False)
+                # one decode takes a whole sequence (llama.cpp splits it into micro-batches of n_ubatch)
+                llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_MAX_CONTEXT, n_batch=LLAMA_CPP_MAX_CONTEXT, n_ubatch=512,
+                            verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise CannotEvaluate(f"{path}: llama.cpp {version('llama_cpp_python')} can't load it ({exc})") from None
         return LlamaCppModel(llm)
 
     def versions(self) -> dict[str, str]:
         return {"llama_cpp_python": version("llama_cpp_python")}
-
-
-def _trained_context(path: Path) -> int:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    arch = reader.fields["general.architecture"]
-    key = f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length"
-    field = reader.fields.get(key)
-    return int(field.parts[field.data[0]][0]) if field else LLAMA_CPP_MAX_CONTEXT

@@ -17,7 +17,7 @@ from merger.errors import Cancelled
 from merger.evaluation import harness, metrics
 from merger.evaluation.datasets import GENERATION, KL_DIVERGENCE, LM_EVAL, PERPLEXITY, DataError, DataFile, read_examples, read_text
 from merger.evaluation.runtimes import (CannotEvaluate, LlamaCpp, LoadedModel, Runtime, Transformers, TransformersGGUF, adapt_threads,
-                                       evaluation_threads, runtime_for, stored_dtype)
+                                       auto_dtype, evaluation_threads, runtime_for)
 from merger.hashing import digest_json
 from merger.progress import CancelCheck, ProgressEvent, Reporter, never_cancel, no_report
 from merger.store import Store
@@ -29,7 +29,7 @@ MODEL_ROLES = ("base", "donor")
 class Options:
     limit: int | None = None  # examples per task file, windows of text, documents of an lm-eval task
     parents: bool = True
-    dtype: str = "auto"  # transformers runtimes; auto: as the weights are stored (see runtimes.stored_dtype)
+    dtype: str = "auto"  # transformers runtimes; auto: see runtimes.auto_dtype
     runtime: str = "auto"  # auto | transformers | llama.cpp (GGUF models)
     window: int = 512  # perplexity window, in tokens
     batch_size: int = metrics.DEFAULT_BATCH  # sequences per forward pass: windows, examples, lm-eval requests
@@ -160,6 +160,9 @@ def _evaluate(store: Store, models: list[ModelRow], data: list[DataFile], option
                 else:
                     todo.append(_Todo(subject, item, metric, runtime, key, dtype))
     comparisons, todo = _comparisons(todo)
+    # models the comparisons run stay loaded from their own measurements (loading Gemma 3 270M takes seconds)
+    kept: dict[tuple[str, str], LoadedModel] = dict.fromkeys(
+        [(c.source_id, Transformers.name) for c in comparisons] + [(t.subject.model.id, t.runtime.name) for c in comparisons for t in c.kl])
     for subject in out.subjects:
         mine = [t for t in todo if t.subject is subject]
         for name in dict.fromkeys(t.runtime.name for t in mine):
@@ -169,10 +172,12 @@ def _evaluate(store: Store, models: list[ModelRow], data: list[DataFile], option
             for t in (t for t in mine if t.runtime.name == name):
                 step = _stepper(stage, f"{_name(subject.model)} · {t.item.label}", t.metric, report, should_cancel)
                 out.results.append(_saved(store, t, options, _measure(lm, t.item, options, step, store)))
+            if (subject.model.id, name) in kept:
+                kept[subject.model.id, name] = lm
             del lm
     for comparison in comparisons:
         source = store.get(comparison.source_id)
-        out.results += _compare(store, source, comparison, options,
+        out.results += _compare(store, source, comparison, options, kept,
                                 _stepper(stage, f"KL from {_name(source)} · {comparison.item.label}", KL_DIVERGENCE, report, should_cancel))
     return out
 
@@ -199,10 +204,13 @@ def _saved(store: Store, todo: _Todo, options: Options, measured: metrics.Measur
     return Result(todo.subject, todo.item, row, False)
 
 
-def _compare(store: Store, source: ModelRow, comparison: _Comparison, options: Options, step: metrics.Step) -> list[Result]:
-    """Every quantized model of one source against it on one text, all loaded at once: the source runs once."""
-    reference = Transformers().load(store.path_of(source), dtype=_dtype(store.path_of(source), options))
-    lms = [t.runtime.load(store.path_of(t.subject.model), dtype=t.dtype, tokenizer_dir=t.subject.tokenizer_dir) for t in comparison.kl]
+def _compare(store: Store, source: ModelRow, comparison: _Comparison, options: Options,
+             loaded: dict[tuple[str, str], LoadedModel | None], step: metrics.Step) -> list[Result]:
+    """Every quantized model of one source against it on one text, all loaded at once (or still loaded, in
+    ``loaded``): the source runs once."""
+    reference = loaded.get((source.id, Transformers.name)) or Transformers().load(store.path_of(source), dtype=_dtype(store.path_of(source), options))
+    lms = [loaded.get((t.subject.model.id, t.runtime.name))
+           or t.runtime.load(store.path_of(t.subject.model), dtype=t.dtype, tokenizer_dir=t.subject.tokenizer_dir) for t in comparison.kl]
     text = read_text(comparison.item.path)
     try:
         measured = metrics.kl_divergence(reference, lms, text, window=options.window, limit=options.limit, step=step)
@@ -231,7 +239,7 @@ def _runtime(model_dir: Path, item: DataFile, options: Options) -> Runtime:
 
 
 def _dtype(model_dir: Path, options: Options) -> str:
-    return stored_dtype(model_dir) if options.dtype == "auto" else options.dtype
+    return auto_dtype(model_dir) if options.dtype == "auto" else options.dtype
 
 
 def _settings(subject: Subject, metric: str, runtime: Runtime, options: Options, dtype: str) -> dict:
