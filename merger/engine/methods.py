@@ -131,15 +131,13 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
         from merger.engine import bf16
 
     def read(span: slice) -> tuple[slice, torch.Tensor, torch.Tensor]:
-        if fused and not held_:
+        if fused and len(spans) > 1:  # runs of a large tensor, read again on each pass
             count = span.stop - span.start
             a, b = (load(inputs.stored[i], span, out=scratch(f"slerp-{i}", count, torch.bfloat16)) for i in (first, second))
             return span, a.reshape(1, -1), b.reshape(1, -1)
         return span, inputs.read(first, span).reshape(1, -1), inputs.read(second, span).reshape(1, -1)
 
-    held_ = False
     held = [read(spans[0])] if len(spans) == 1 else None
-    held_ = held is not None
 
     def pairs():
         return iter(held) if held else map(read, spans)
