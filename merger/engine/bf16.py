@@ -4,8 +4,7 @@ sums over the models' axis accumulate in float32 from +0.0, in model order.
 
 - TIES's combining step on two task vectors (each op's result rounded to bfloat16, as torch computes in bf16);
 - linear's weighted sum (in float32, each step a fused multiply-add as torch's addcmul, rounded to bfloat16 at
-  the end);
-- slerp's elementwise steps (in float32): the normalized products its dot product sums, and the final mix.
+  the end).
 
 Finite results only: a NaN anywhere (whose bits torch's vectorized and scalar paths spell differently) makes a
 loop decline, and the torch ops run instead. Serial loops on purpose: a numba ``parallel`` loop changed the
@@ -77,35 +76,8 @@ def _linear(rows, weights, normalize, divisor, total, out) -> bool:
     return failed == 0
 
 
-@numba.njit(cache=True, nogil=True)
-def _slerp_products(first, second, norm_first, norm_second, out) -> None:
-    for j in range(len(out)):
-        out[j] = (_widen(first[j]) / norm_first) * (_widen(second[j]) / norm_second)
-
-
-@numba.njit(cache=True, nogil=True)
-def _slerp_mix(first, second, coef_first, coef_second, out) -> bool:
-    failed = 0
-    for j in range(len(out)):
-        value = coef_first * _widen(first[j]) + coef_second * _widen(second[j])
-        failed += value != value
-        out[j] = np.uint16(np.float32(_round(value)).view(np.uint32) >> np.uint32(16))
-    return failed == 0
-
-
 def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(torch.uint16).numpy()
-
-
-def slerp_products(first: torch.Tensor, second: torch.Tensor, norm_first: float, norm_second: float, out: torch.Tensor) -> None:
-    """out = (first / norm_first) * (second / norm_second) of flat bfloat16 runs, in float32."""
-    _slerp_products(_bits(first), _bits(second), np.float32(norm_first), np.float32(norm_second), out.numpy())
-
-
-def slerp_mix(first: torch.Tensor, second: torch.Tensor, coef_first: float, coef_second: float, out: torch.Tensor) -> bool:
-    """out = coef_first * first + coef_second * second of flat bfloat16 runs, computed in float32, as bfloat16;
-    False where torch must decide."""
-    return _slerp_mix(_bits(first), _bits(second), np.float32(coef_first), np.float32(coef_second), _bits(out))
 
 
 def linear_combine(rows: torch.Tensor, weights: torch.Tensor, normalize: bool, divisor: torch.Tensor, out: torch.Tensor) -> bool:

@@ -117,7 +117,8 @@ SLERP_CHUNK = 1024 * 1024  # mergekit's bound on full-precision scratch, in elem
 def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold: float = 0.9995, eps: float = 1e-8) -> None:
     """mergekit's slerp of the flattened tensors: its norms and dot product are sums over runs of SLERP_CHUNK
     elements, made here in three passes over the inputs (norms, dot, result), each a run of chunks at a time; a
-    tensor of one run is read once. bfloat16 inputs take compiled loops for the elementwise steps (torch sums)."""
+    tensor of one run is read once. The same torch operations as mergekit's, on each thread's reused buffers
+    (fresh temporaries cost their pages' faults on every chunk)."""
     first, second = base_index, 1 - base_index
     dtype = _compute_dtype(inputs.dtype)
     t = torch.tensor([shared["t"]], dtype=dtype).reshape(-1, 1).to(dtype)
@@ -126,14 +127,11 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
         out.write(((1 - t) * a + t * b).reshape(inputs.shape).to(inputs.dtype))
         return
     spans = inputs.spans(multiple=SLERP_CHUNK)
-    fused = inputs.stored_as(torch.bfloat16) and out.dtype == torch.bfloat16
-    if fused:  # compiled loops, and each thread's scratch buffers instead of fresh temporaries
-        from merger.engine import bf16
 
     def read(span: slice) -> tuple[slice, torch.Tensor, torch.Tensor]:
-        if fused and len(spans) > 1:  # runs of a large tensor, read again on each pass
+        if len(spans) > 1 and inputs.stored_as(inputs.dtype):  # runs of a large tensor, read again on each pass
             count = span.stop - span.start
-            a, b = (load(inputs.stored[i], span, out=scratch(f"slerp-{i}", count, torch.bfloat16)) for i in (first, second))
+            a, b = (load(inputs.stored[i], span, out=scratch(f"slerp-{i}", count, inputs.dtype)) for i in (first, second))
             return span, a.reshape(1, -1), b.reshape(1, -1)
         return span, inputs.read(first, span).reshape(1, -1), inputs.read(second, span).reshape(1, -1)
 
@@ -145,16 +143,15 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
     def chunks(span: slice) -> list[slice]:
         return [slice(start, start + SLERP_CHUNK) for start in range(0, span.stop - span.start, SLERP_CHUNK)]
 
-    def widened(run: torch.Tensor) -> torch.Tensor:
-        if fused:
-            return scratch("slerp-widened", run.numel(), dtype).view(run.shape).copy_(run)
-        return run.to(dtype)
+    def widened(run: torch.Tensor, name: str) -> torch.Tensor:
+        """``run.to(dtype)``, in a reused buffer."""
+        return scratch(name, run.numel(), dtype).view(run.shape).copy_(run)
 
     parts_a, parts_b = [], []
     for span, a, b in pairs():
         for c in chunks(span):
-            parts_a.append(torch.linalg.vector_norm(widened(a[:, c]), dim=1, keepdim=True))
-            parts_b.append(torch.linalg.vector_norm(widened(b[:, c]), dim=1, keepdim=True))
+            parts_a.append(torch.linalg.vector_norm(widened(a[:, c], "slerp-a"), dim=1, keepdim=True))
+            parts_b.append(torch.linalg.vector_norm(widened(b[:, c], "slerp-b"), dim=1, keepdim=True))
 
     def norm(parts: list[torch.Tensor]) -> torch.Tensor:
         value = torch.linalg.vector_norm(torch.stack(parts), dim=0)
@@ -162,12 +159,8 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
 
     norm_a, norm_b = norm(parts_a), norm(parts_b)
 
-    def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if fused:
-            result = scratch("slerp-products", a.numel(), dtype)
-            bf16.slerp_products(a[0], b[0], norm_a.item(), norm_b.item(), result)
-            return result.reshape(1, -1)
-        return (a.to(dtype) / norm_a) * (b.to(dtype) / norm_b)
+    def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (a / norm_a) * (b / norm_b)
+        return widened(a, "slerp-a").div_(norm_a).mul_(widened(b, "slerp-b").div_(norm_b))
 
     dots = [products(a[:, c], b[:, c]).sum(dim=1, keepdim=True) for span, a, b in pairs() for c in chunks(span)]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
@@ -179,9 +172,8 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
 
     for span, a, b in pairs():
         result = scratch("slerp-result", span.stop - span.start, inputs.dtype)
-        for c in chunks(span):
-            if not (fused and bf16.slerp_mix(a[0, c], b[0, c], coef_a.item(), coef_b.item(), result[c])):
-                result[c] = (coef_a * a[:, c].to(dtype) + coef_b * b[:, c].to(dtype)).to(inputs.dtype)[0]
+        for c in chunks(span):  # coef_a * a + coef_b * b, rounded to the inputs' dtype
+            result[c] = widened(a[:, c], "slerp-a").mul_(coef_a).add_(widened(b[:, c], "slerp-b").mul_(coef_b))[0]
         out.write(result, span.start)
 
 
