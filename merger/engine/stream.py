@@ -1,5 +1,6 @@
 """One output tensor's inputs and its output as flat runs of elements (memory order), so that a method can make
-several passes over a large tensor while holding only a run of it at a time."""
+several passes over a large tensor while holding only a run of it at a time; each thread's scratch buffers, reused
+from run to run; and a pool of threads for compiled loops and file I/O."""
 
 import threading
 from collections.abc import Callable, Iterable
@@ -87,7 +88,7 @@ class Inputs:
 _scratch = threading.local()
 
 
-def scratch(name: str, count: int, dtype: torch.Tensor) -> torch.Tensor:
+def scratch(name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat buffer of ``count`` elements that this thread reuses from call to call (a fresh one per run would
     cost its pages' faults each time); valid until the next call with the same name and dtype in this thread."""
     key = f"{name}:{dtype}"
