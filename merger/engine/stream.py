@@ -39,15 +39,15 @@ class Inputs:
     def read(self, i: int, span: slice | None = None) -> torch.Tensor:
         """Input i: whole and shaped, or a flat run of its elements. A tensor of one run (CHUNK_ELEMENTS at most)
         is read once and held for the methods' later passes: what this returns must not be modified."""
-        whole = span is None or (span.start == 0 and span.stop == self.numel)
         key = (i, span is None)
-        if whole and self.numel <= CHUNK_ELEMENTS and key in self.held:
+        hold = self.numel <= CHUNK_ELEMENTS and (span is None or (span.start == 0 and span.stop == self.numel))
+        if hold and key in self.held:
             return self.held[key]
         tensor = load(self.stored[i], span).to(self.device)
         if self.load_dtype:
             tensor = tensor.to(self.load_dtype)
         tensor = tensor.to(self.dtype)
-        if whole and self.numel <= CHUNK_ELEMENTS:
+        if hold:
             self.held[key] = tensor
         return tensor
 

@@ -11,7 +11,6 @@ continuation. The metrics use only that, so every runtime is measured by the sam
   from ``tokenizer_dir`` (the unquantized source).
 """
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -28,6 +27,7 @@ import torch
 
 from merger.errors import MergerError
 from merger.gguf_tools import native_stderr
+from merger.hashing import digest_json, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -395,15 +395,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def _tokenizer_key(model_dir: Path) -> str:
     """The digest of what a directory's tokenizer is made of."""
-    digest = hashlib.sha256()
     try:
-        digest.update(str(json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")).encode())
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError):
-        pass
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            digest.update(name.encode() + b"\0" + (model_dir / name).read_bytes())
-    return digest.hexdigest()
+        model_type = None
+    return digest_json({"model_type": model_type,
+                        "files": {name: sha256_file(model_dir / name) for name in TOKENIZER_FILES if (model_dir / name).is_file()}})
 
 
 _tokenizers: dict[str, object] = {}  # by _tokenizer_key: the last few loaded
