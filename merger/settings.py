@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     max_recipe_bytes: int = Field(default=256 * 1024, description="Largest recipe file accepted")
     hf_cache_dir: Path | None = Field(default=None, description="Hugging Face cache for org/name@rev references")
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$",
-                        description="Where merger's merge engine computes: cpu, or cuda[:N] (used when available, else cpu)")
+                        description="Where merges and evaluations compute: cpu, or cuda[:N] (used when available, else cpu)")
     tools_dir: Path = Field(default_factory=lambda: Path(user_cache_dir("merger", appauthor=False)) / "tools",
                             description="Where `merger setup-gguf` puts llama.cpp's GGUF converter")
 

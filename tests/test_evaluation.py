@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from merger import devices
 from merger.errors import Cancelled, RecipeError
 from merger.evaluation import harness, runtimes
 from merger.evaluation.datasets import DataError, task_file, text_file
@@ -313,6 +314,15 @@ def test_merge_then_evaluate_stores_results_for_the_merge_and_its_parents_once(s
     again = run_recipe(check_recipe(MERGE_THEN_EVALUATE, settings, store, default_name="r"), settings, store)[1]
     assert again.cache_hit and all(r.cache_hit for r in again.evaluation.results)
     assert stored_rows(store, again) == stored
+
+
+def test_a_gpu_this_machine_lacks_evaluates_on_the_cpu_under_the_cpus_key(settings, store, eval_root, monkeypatch):
+    on_cpu = run_recipe(check_recipe(MERGE_THEN_EVALUATE, settings, store, default_name="r"), settings, store)[1]
+    monkeypatch.setenv("MERGER_DEVICE", "cuda:99")
+    assert devices.resolve("cuda:99") == "cpu"
+    again = run_recipe(check_recipe(MERGE_THEN_EVALUATE, settings, store, default_name="r"), settings, store)[1]
+    assert again.cache_hit and stored_rows(store, again) == stored_rows(store, on_cpu)
+    assert all("device" not in r.row.settings for r in again.evaluation.results)
 
 
 def stored_rows(store, result) -> dict[str, list[tuple]]:

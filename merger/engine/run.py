@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from merger import devices
 from merger.engine.architecture import UnsupportedArchitecture, planned_weights
 from merger.engine.config import EngineConfig, Unsupported
 from merger.engine.safetensors_io import PlannedFile, StoredTensor, TensorSpec, UnsupportedFile, model_tensors
@@ -98,8 +99,7 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
             on_tensor: Callable[[int, int], None] | None = None) -> None:
     """Write the merged model into ``out_dir`` (created). ``on_tensor(done, total)`` may raise to stop."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        device = "cpu"
+    device = devices.resolve(device)
     config, method = merge.config, merge.config.method
     shards = merge.shards()
     files = [PlannedFile(out_dir / name, {t.name: t.spec for t in shard}) for name, shard in zip(_shard_names(len(shards)), shards)]

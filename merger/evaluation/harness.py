@@ -101,7 +101,7 @@ def run_task(model, tokenizer, task: HarnessTask, *, limit: int | None, batch_si
     step(0, 1)
     started = time.perf_counter()
     with _sandboxed_templates(), _quiet():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
         out = simple_evaluate(model=lm, tasks=[config], limit=limit, task_manager=TaskManager(include_defaults=False),
                               log_samples=False, bootstrap_iters=0)
     step(1, 1)

@@ -99,15 +99,15 @@ def kl_divergence(source: "LoadedModel", models: list["LoadedModel"], text: str,
         for start in range(0, len(ids) - 1, BLOCK_ROWS):
             started = time.perf_counter()
             stop = min(start + BLOCK_ROWS, len(ids) - 1)
-            targets = torch.tensor(ids[start + 1:stop + 1])[:, None]
             reference = source_rows(start, stop)
+            targets = torch.tensor(ids[start + 1:stop + 1], device=reference.device)[:, None]
             reference = reference - reference.logsumexp(-1, keepdim=True)
             probabilities, reference_top = reference.exp(), reference.argmax(-1)
             source_nll -= float(reference.gather(-1, targets).double().sum())
             shared.append(time.perf_counter() - started)
             for i, rows in enumerate(model_rows):
                 started = time.perf_counter()
-                logprobs = rows(start, stop)
+                logprobs = rows(start, stop).to(reference.device)  # llama.cpp's are on the CPU
                 if logprobs.shape != reference.shape:
                     raise DataError(f"a quantized model's vocabulary ({logprobs.shape[-1]}) differs from its source's "
                                     f"({reference.shape[-1]}); their distributions can't be compared")

@@ -1,6 +1,6 @@
 """Runtimes: what loads a model directory for scoring, and what it can do once loaded.
 
-A runtime has a ``name`` (shown in result tables) and ``load(model_dir, dtype=..., tokenizer_dir=...)``
+A runtime has a ``name`` (shown in result tables) and ``load(model_dir, dtype=..., tokenizer_dir=..., device=...)``
 returning a ``LoadedModel``: encode, decode, per-token log-probabilities of token sequences and greedy
 continuation. The metrics use only that, so every runtime is measured by the same code.
 
@@ -86,7 +86,7 @@ class LoadedModel(Protocol):
 class Runtime(Protocol):
     name: str
 
-    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None) -> LoadedModel: ...
+    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None, device: str = "cpu") -> LoadedModel: ...
 
     def versions(self) -> dict[str, str]: ...
 
@@ -144,12 +144,17 @@ def stored_dtype(model_dir: Path) -> str:
     return named if named in DTYPES else "float32"
 
 
-def auto_dtype(model_dir: Path) -> str:
-    """What ``dtype: auto`` runs a model in under transformers (on the CPU): as stored where the CPU multiplies
-    that dtype's matrices natively (AMX), else float32. Without AMX, torch's bfloat16 matmuls are slower than
-    float32 ones (a 512-token Gemma 3 270M forward pass: 2.0-2.6 s against 1.4 s on an AVX-512 Xeon)."""
+def auto_dtype(model_dir: Path, device: str = "cpu") -> str:
+    """What ``dtype: auto`` runs a model in under transformers: as stored where the device multiplies that
+    dtype's matrices natively (a GPU; bfloat16 from compute capability 8; on the CPU, AMX), else float32.
+    Without AMX, torch's bfloat16 matmuls are slower than float32 ones (a 512-token Gemma 3 270M forward pass:
+    2.0-2.6 s against 1.4 s on an AVX-512 Xeon)."""
     stored = stored_dtype(model_dir)
-    return stored if stored == "float32" or MATRIX_UNITS.get(stored) in _cpu_flags() else "float32"
+    if device != "cpu":
+        native = stored != "bfloat16" or torch.cuda.is_bf16_supported()
+    else:
+        native = stored == "float32" or MATRIX_UNITS.get(stored) in _cpu_flags()
+    return stored if native else "float32"
 
 
 def _cpu_flags() -> set[str]:
@@ -188,6 +193,7 @@ class HFModel:
 
     def __init__(self, runtime: str, model, tokenizer):
         self.runtime, self.model, self.tokenizer = runtime, model.eval(), tokenizer
+        self.device = model.device
         self.context_length = getattr(model.config, "max_position_embeddings", None) or 2048
         self.decodes_by_appending = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
 
@@ -214,11 +220,11 @@ class HFModel:
         for row, seq in enumerate(sequences):  # right-padded: padding never precedes a scored token
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        rows = self._rows(ids, mask)
+        rows = self._rows(ids.to(self.device), mask.to(self.device))
         return [token_logprobs(partial(rows, row), seq) for row, seq in enumerate(sequences)]
 
     def next_token_logits(self, ids: list[int]) -> Rows:
-        return partial(self._rows(torch.tensor([ids]), None), 0)
+        return partial(self._rows(torch.tensor([ids], device=self.device), None), 0)
 
     @torch.inference_mode()
     def _rows(self, ids: torch.Tensor, mask: torch.Tensor | None) -> Callable[[int, int, int], torch.Tensor]:
@@ -255,7 +261,7 @@ class HFModel:
             logits = head(hidden)
             return logits if cap is None else torch.tanh(logits / cap) * cap
 
-        probe = torch.tensor([[self._pad(), 1, 2, 3]]) % self.model.config.vocab_size
+        probe = torch.tensor([[self._pad(), 1, 2, 3]], device=self.device) % self.model.config.vocab_size
         with torch.inference_mode():
             try:
                 hidden = self.model.get_decoder()(input_ids=probe).last_hidden_state
@@ -295,7 +301,7 @@ class HFModel:
         for row, seq in enumerate(sequences):
             ids[row, longest - len(seq):] = torch.tensor(seq)
             mask[row, longest - len(seq):] = 1
-        return ids, mask
+        return ids.to(self.device), mask.to(self.device)
 
     def _confirm(self, prompts: list[list[int]], budgets: list[int], guesses: list[list[int]], eos: set[int]) -> list[list[int]]:
         """The start of each greedy continuation that one pass over prompt + guess gives: the guessed tokens
@@ -347,7 +353,7 @@ class _Done:
             if not self.finished[row]:
                 self.tokens[row] = new
                 self.finished[row] = _finished(new, self.budgets[row], self.eos) or self.settled(row, new)
-        return torch.tensor(self.finished)
+        return torch.tensor(self.finished, device=input_ids.device)
 
 
 def token_logprobs(rows: Rows, ids: list[int]) -> torch.Tensor:
@@ -355,9 +361,9 @@ def token_logprobs(rows: Rows, ids: list[int]) -> torch.Tensor:
     picked = []
     for start in range(0, len(ids) - 1, BLOCK_ROWS):
         logits = rows(start, min(start + BLOCK_ROWS, len(ids) - 1))
-        targets = torch.tensor(ids[start + 1:start + 1 + len(logits)])[:, None]
+        targets = torch.tensor(ids[start + 1:start + 1 + len(logits)], device=logits.device)[:, None]
         picked.append(logits.gather(-1, targets)[:, 0] - logits.logsumexp(-1))
-    return torch.cat(picked)
+    return torch.cat(picked).cpu()
 
 
 def _never(row: int, tokens: list[int]) -> bool:
@@ -376,13 +382,13 @@ def _through_first(tokens: list[int], stops: set[int]) -> list[int]:
 class Transformers:
     name = "transformers"
 
-    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None) -> HFModel:
+    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None, device: str = "cpu") -> HFModel:
         from transformers import AutoModelForCausalLM
 
         model = _loading(model_dir, lambda: AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False))
         tokenizer = _loading(model_dir, lambda: _shared_tokenizer(model_dir))
-        return HFModel(self.name, model, tokenizer)
+        return HFModel(self.name, model.to(device), tokenizer)
 
     def versions(self) -> dict[str, str]:
         return {"transformers": version("transformers"), "torch": version("torch")}
@@ -422,7 +428,7 @@ def _shared_tokenizer(model_dir: Path):
 class TransformersGGUF(Transformers):
     name = "transformers-gguf"
 
-    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None) -> HFModel:
+    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None, device: str = "cpu") -> HFModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         path = gguf_file(model_dir)
@@ -436,7 +442,7 @@ class TransformersGGUF(Transformers):
                 raise CannotEvaluate(f"{path}: transformers can't read its tokenizer ({type(exc).__name__}: {exc}) "
                                     "and no unquantized source is recorded in lineage to take it from") from None
             tokenizer = _loading(tokenizer_dir, lambda: _shared_tokenizer(tokenizer_dir))
-        return HFModel(self.name, model, tokenizer)
+        return HFModel(self.name, model.to(device), tokenizer)
 
     def versions(self) -> dict[str, str]:
         return super().versions() | {"gguf": version("gguf")}
@@ -559,7 +565,7 @@ class LlamaCppModel:
 class LlamaCpp:
     name = "llama.cpp"
 
-    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None) -> LlamaCppModel:
+    def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None, device: str = "cpu") -> LlamaCppModel:
         from llama_cpp import Llama
 
         path = gguf_file(model_dir)
@@ -567,7 +573,7 @@ class LlamaCpp:
             with native_stderr():  # llama.cpp notes its cache layout on every load, verbose=False or not
                 # one decode takes a whole sequence (llama.cpp splits it into micro-batches of n_ubatch)
                 llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_MAX_CONTEXT, n_batch=LLAMA_CPP_MAX_CONTEXT, n_ubatch=512,
-                            verbose=False)
+                            n_gpu_layers=0 if device == "cpu" else -1, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise CannotEvaluate(f"{path}: llama.cpp {version('llama_cpp_python')} can't load it ({exc})") from None
         return LlamaCppModel(llm)

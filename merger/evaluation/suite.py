@@ -33,6 +33,7 @@ class Options:
     runtime: str = "auto"  # auto | transformers | llama.cpp (GGUF models)
     window: int = 512  # perplexity window, in tokens
     batch_size: int = metrics.DEFAULT_BATCH  # sequences per forward pass: windows, examples, lm-eval requests
+    device: str = "cpu"  # where models run: cpu, or cuda[:N] (resolved: see merger.devices)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def _evaluate(store: Store, models: list[ModelRow], data: list[DataFile], option
         for name in dict.fromkeys(t.runtime.name for t in mine):
             runtime = next(t.runtime for t in mine if t.runtime.name == name)
             model_dir = store.path_of(subject.model)
-            lm = runtime.load(model_dir, dtype=_dtype(model_dir, options), tokenizer_dir=subject.tokenizer_dir)
+            lm = runtime.load(model_dir, dtype=_dtype(model_dir, options), tokenizer_dir=subject.tokenizer_dir, device=options.device)
             for t in (t for t in mine if t.runtime.name == name):
                 step = _stepper(stage, f"{_name(subject.model)} · {t.item.label}", t.metric, report, should_cancel)
                 out.results.append(_saved(store, t, options, _measure(lm, t.item, options, step, store)))
@@ -208,9 +209,11 @@ def _compare(store: Store, source: ModelRow, comparison: _Comparison, options: O
              loaded: dict[tuple[str, str], LoadedModel | None], step: metrics.Step) -> list[Result]:
     """Every quantized model of one source against it on one text, all loaded at once (or still loaded, in
     ``loaded``): the source runs once."""
-    reference = loaded.get((source.id, Transformers.name)) or Transformers().load(store.path_of(source), dtype=_dtype(store.path_of(source), options))
+    reference = loaded.get((source.id, Transformers.name)) or Transformers().load(
+        store.path_of(source), dtype=_dtype(store.path_of(source), options), device=options.device)
     lms = [loaded.get((t.subject.model.id, t.runtime.name))
-           or t.runtime.load(store.path_of(t.subject.model), dtype=t.dtype, tokenizer_dir=t.subject.tokenizer_dir) for t in comparison.kl]
+           or t.runtime.load(store.path_of(t.subject.model), dtype=t.dtype, tokenizer_dir=t.subject.tokenizer_dir, device=options.device)
+           for t in comparison.kl]
     text = read_text(comparison.item.path)
     try:
         measured = metrics.kl_divergence(reference, lms, text, window=options.window, limit=options.limit, step=step)
@@ -239,11 +242,13 @@ def _runtime(model_dir: Path, item: DataFile, options: Options) -> Runtime:
 
 
 def _dtype(model_dir: Path, options: Options) -> str:
-    return auto_dtype(model_dir) if options.dtype == "auto" else options.dtype
+    return auto_dtype(model_dir, options.device) if options.dtype == "auto" else options.dtype
 
 
 def _settings(subject: Subject, metric: str, runtime: Runtime, options: Options, dtype: str) -> dict:
     settings = {} if isinstance(runtime, LlamaCpp) else {"dtype": dtype}
+    if options.device != "cpu":  # a GPU's kernels round differently: its results are kept apart from the CPU's
+        settings["device"] = options.device
     if metric in (PERPLEXITY, KL_DIVERGENCE):
         settings["window"] = options.window
     if metric == KL_DIVERGENCE:

@@ -16,6 +16,7 @@ from merger.planning import InputRef, PlanContext, StagePlan, inspect_source, is
 from merger.progress import CancelCheck, Reporter
 from merger.recipe import EvaluateSpec, EvaluateStage
 from merger.references import Resolver, UnresolvedReference
+from merger.settings import Settings
 from merger.store import Store
 
 if TYPE_CHECKING:  # the evaluation code (torch) is imported when a stage is measured, not when it is checked
@@ -72,10 +73,11 @@ def _confined(resolver: Resolver, text: str, yaml_dir: Path) -> Path:
 
 
 def options_of(spec: EvaluateSpec) -> "Options":
+    from merger import devices
     from merger.evaluation.suite import Options
 
     return Options(limit=spec.limit, parents=spec.parents, dtype=spec.dtype, runtime=spec.runtime, window=spec.window,
-                   batch_size=spec.batch_size)
+                   batch_size=spec.batch_size, device=devices.resolve(Settings().device))
 
 
 def evaluate(plan: StagePlan, models: list[ModelRow], store: Store, *, force: bool, report: Reporter,
