@@ -62,12 +62,14 @@ def _fma(typingctx, a, b, c):
 
 
 @numba.njit(cache=True, nogil=True)
-def _linear(rows, weights, normalize, divisor, total, out) -> bool:
-    total[:] = _ZERO  # torch.zeros_like, then one addcmul_ per model
-    for i in range(len(rows)):
-        weight = weights[i]
-        for j in range(len(out)):
-            total[j] = _fma(_widen(rows[i, j]), weight, total[j])
+def _accumulate(run, weight, first, total) -> None:
+    """One model's addcmul_ into the sum (torch.zeros_like's +0.0 before the first)."""
+    for j in range(len(total)):
+        total[j] = _fma(_widen(run[j]), weight, _ZERO if first else total[j])
+
+
+@numba.njit(cache=True, nogil=True)
+def _rounded(total, normalize, divisor, out) -> bool:
     failed = 0
     for j in range(len(out)):
         value = total[j] / divisor if normalize else total[j]
@@ -80,13 +82,15 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(torch.uint16).numpy()
 
 
-def linear_combine(rows: torch.Tensor, weights: torch.Tensor, normalize: bool, divisor: torch.Tensor, out: torch.Tensor) -> bool:
-    """out = sum_i weights[i] * rows[i] (divided by ``divisor`` with ``normalize``) of bfloat16 rows, computed in
+def linear_combine(runs: list[torch.Tensor], weights: torch.Tensor, normalize: bool, divisor: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = sum_i weights[i] * runs[i] (divided by ``divisor`` with ``normalize``) of bfloat16 runs, computed in
     float32 and rounded to bfloat16; False where torch must decide."""
     from merger.engine.stream import scratch
 
-    total = scratch("linear", len(out), torch.float32)
-    return _linear(_bits(rows), weights.numpy(), normalize, np.float32(divisor.item()), total.numpy(), _bits(out))
+    total = scratch("linear", len(out), torch.float32).numpy()
+    for i, (run, weight) in enumerate(zip(runs, weights.tolist(), strict=True)):
+        _accumulate(_bits(run), np.float32(weight), i == 0, total)
+    return _rounded(total, normalize, np.float32(divisor.item()), _bits(out))
 
 
 def ties_combine(deltas, base, weights, normalize: bool):

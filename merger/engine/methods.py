@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from merger.engine.sparsify import SPARSIFIERS, Sparsifier
-from merger.engine.safetensors_io import load
+from merger.engine.safetensors_io import view
 from merger.engine.stream import Inputs, Output, in_threads, scratch
 from merger.merge_methods import NATIVE_METHODS, BasePolicy, ParameterScope
 
@@ -55,8 +55,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# a compiled loop: (stacked runs of the inputs, the output's run to fill) -> True, or False where it declines
-Fused = Callable[[torch.Tensor, torch.Tensor], bool]
+# a compiled loop: (the inputs' runs as stored, the output's run to fill) -> True, or False where it declines
+Fused = Callable[[list[torch.Tensor], torch.Tensor], bool]
 FUSED_RUN_ELEMENTS = 1024 * 1024  # per run of a fused loop (its buffers are each thread's, reused)
 
 
@@ -77,7 +77,7 @@ def elementwise(merge: Callable[[list[torch.Tensor], int | None, dict, list[dict
 
         def fast(span: slice) -> None:
             result = scratch("fused", span.stop - span.start, out.dtype)
-            if loop(inputs.stacked(span), result):
+            if loop(inputs.runs(span), result):
                 out.write(result, span.start)
             else:
                 merged(span)
@@ -108,7 +108,7 @@ def fused_linear(inputs: Inputs, out: Output, shared, params) -> Fused | None:
 
     weight = torch.tensor([[p["weight"] for p in params]], dtype=torch.float32)
     divisor = weight.sum(dim=1)
-    return lambda rows, result: linear_combine(rows, weight[0], shared["normalize"], divisor, result)
+    return lambda runs, result: linear_combine(runs, weight[0], shared["normalize"], divisor, result)
 
 
 SLERP_CHUNK = 1024 * 1024  # mergekit's bound on full-precision scratch, in elements
@@ -129,10 +129,6 @@ def slerp(inputs: Inputs, out: Output, base_index, shared, params, dot_threshold
     spans = inputs.spans(multiple=SLERP_CHUNK)
 
     def read(span: slice) -> tuple[slice, torch.Tensor, torch.Tensor]:
-        if len(spans) > 1 and inputs.stored_as(inputs.dtype):  # runs of a large tensor, read again on each pass
-            count = span.stop - span.start
-            a, b = (load(inputs.stored[i], span, out=scratch(f"slerp-{i}", count, inputs.dtype)) for i in (first, second))
-            return span, a.reshape(1, -1), b.reshape(1, -1)
         return span, inputs.read(first, span).reshape(1, -1), inputs.read(second, span).reshape(1, -1)
 
     held = [read(spans[0])] if len(spans) == 1 else None

@@ -1,12 +1,14 @@
-"""safetensors files read and written tensor by tensor, with plain file I/O (no memory maps kept resident).
+"""safetensors files read and written tensor by tensor (no whole-file memory maps kept resident).
 
-Reading: each tensor's bytes are read with ``os.preadv`` into a fresh tensor. Writing: the header is computed
-up front from the names, dtypes and shapes, exactly as ``safetensors.torch.save_file`` lays a file out, and
-each tensor is written straight to its place with ``os.pwrite``; nothing is buffered.
+Reading: a tensor, or a run of its elements, is mapped copy-on-write while it is used (``view``: no copy out of
+the page cache), or read with ``os.preadv`` into a tensor (``load``). Writing: the header is computed up front
+from the names, dtypes and shapes, exactly as ``safetensors.torch.save_file`` lays a file out, and each tensor
+is written straight to its place with ``os.pwrite``; nothing is buffered.
 """
 
 import ctypes
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _DTYPE_RANK = {name: rank for rank, name in enumerate(
     ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"])}
 METADATA = {"format": "pt"}  # what safetensors.torch.save_file(..., metadata={"format": "pt"}) records
+# runs at least this large are mapped by ``view``: reading 8 MB runs of Gemma 3's embedding by mapping took 0.15-0.17 s
+# a pass, by preadv 0.22-0.28 s (the copy out of the page cache); smaller ones are read (a mapping costs syscalls)
+MAPPED_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,12 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
+        size = os.fstat(f.fileno()).st_size
     header.pop("__metadata__", None)
     if unknown := {entry["dtype"] for entry in header.values()} - set(DTYPES):
         raise UnsupportedFile(f"{path.name}: dtypes {sorted(unknown)}")
+    if 8 + length + max((entry["data_offsets"][1] for entry in header.values()), default=0) > size:
+        raise UnsupportedFile(f"{path.name}: shorter than its header says (truncated?)")  # a mapping past the end would crash
     return {
         name: StoredTensor(path, TensorSpec(DTYPES[entry["dtype"]], tuple(entry["shape"])), 8 + length + entry["data_offsets"][0])
         for name, entry in header.items()
@@ -100,6 +108,20 @@ def load(stored: StoredTensor, span: slice | None = None, out: torch.Tensor | No
         finally:
             os.close(fd)
     return tensor
+
+
+def view(stored: StoredTensor, span: slice | None = None) -> torch.Tensor:
+    """One tensor, or a run of its elements (flat, in memory order), mapped from its file copy-on-write (writes to
+    it stay private) for as long as the returned tensor lives; a run smaller than MAPPED_BYTES is read."""
+    shape, start = (stored.spec.shape, 0) if span is None else ((span.stop - span.start,), span.start * stored.spec.dtype.itemsize)
+    count = TensorSpec(stored.spec.dtype, shape).numel
+    if count * stored.spec.dtype.itemsize < MAPPED_BYTES:
+        return load(stored, span)
+    begin = stored.offset + start
+    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+    with open(stored.path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), begin - aligned + count * stored.spec.dtype.itemsize, access=mmap.ACCESS_COPY, offset=aligned)
+    return torch.frombuffer(mapping, dtype=stored.spec.dtype, count=count, offset=begin - aligned).view(shape)
 
 
 def header_bytes(specs: dict[str, TensorSpec]) -> tuple[bytes, dict[str, int]]:

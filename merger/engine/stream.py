@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from merger.engine.safetensors_io import PlannedFile, StoredTensor, load
+from merger.engine.safetensors_io import PlannedFile, StoredTensor, view
 
 if TYPE_CHECKING:
     from merger.engine.draws import Stream
@@ -43,7 +43,7 @@ class Inputs:
         hold = self.numel <= CHUNK_ELEMENTS and (span is None or (span.start == 0 and span.stop == self.numel))
         if hold and key in self.held:
             return self.held[key]
-        tensor = load(self.stored[i], span).to(self.device)
+        tensor = view(self.stored[i], span).to(self.device)
         if self.load_dtype:
             tensor = tensor.to(self.load_dtype)
         tensor = tensor.to(self.dtype)
@@ -51,14 +51,9 @@ class Inputs:
             self.held[key] = tensor
         return tensor
 
-    def stacked(self, span: slice) -> torch.Tensor:
-        """Every input's run of elements as stored, one row each (for inputs stored in one dtype), in this thread's
-        scratch buffer: valid until its next call in this thread."""
-        count, inputs = span.stop - span.start, len(self.stored)
-        rows = scratch("stacked", inputs * count, self.stored[0].spec.dtype).view(inputs, count)
-        for row, stored in zip(rows, self.stored):
-            load(stored, span, out=row)
-        return rows
+    def runs(self, span: slice) -> list[torch.Tensor]:
+        """Every input's run of elements as stored (no conversion), read-only."""
+        return [view(stored, span) for stored in self.stored]
 
     def stored_as(self, dtype: torch.dtype) -> bool:
         """Whether every input is stored in ``dtype`` and the method sees it so, on the CPU."""
