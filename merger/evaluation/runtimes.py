@@ -619,8 +619,9 @@ class LlamaCpp:
         from llama_cpp import _internals
         from llama_cpp._logger import set_verbose
 
+        # what llama-cpp-python's Llama is built of: Llama sets the context's n_seq_max for embedding models only
         path = gguf_file(model_dir)
-        set_verbose(False)
+        set_verbose(False)  # llama.cpp's log, as Llama(verbose=False) quiets it
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
