@@ -576,6 +576,14 @@ def test_llama_cpp_splits_what_its_cache_cannot_hold_at_once(settings, store, ev
         lm.greedy_batch([prompts[0]], [20])
 
 
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_frees_its_model_with_the_loaded_model(settings, store, eval_root, tmp_path):
+    lm = tiny_llama_cpp(store, eval_root, tmp_path)
+    model, context = lm._model, lm._context  # they refer to each other: the garbage collector alone would free them
+    del lm
+    assert model.model is None and context.ctx is None
+
+
 def test_a_gguf_header_is_read_as_ggufs_reader_reads_it(eval_root, tmp_path):
     from gguf import GGUFReader
 

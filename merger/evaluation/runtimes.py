@@ -494,6 +494,9 @@ class LlamaCppModel:
 
     def __del__(self):
         self._free_batch(self._batch)
+        # the context, then the model: llama-cpp-python's two refer to each other, so that without this only the
+        # garbage collector would free them (3 loads of Gemma 3 270M Q8_0 held 5.5 GB until it ran)
+        self._model.close()
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         return self._model.tokenize(text.encode("utf-8"), add_bos=special, special=False)
