@@ -16,6 +16,9 @@ other's evaluations or database revision.
   (batch_size 8, and 1: one example at a time) and by lm-eval's ``hf`` model (batch size 8) given the same
   loaded model, with the same torch thread count (the one merger's evaluation picks); seconds and the ratio
   lm-eval / merger.
+- llama: the recipe's Q8_0 and Q4_K_M files on llama.cpp, in this process: greedy accuracy on each task file (first
+  50 lines) and the perplexity text, with batch_size 8 (sequences decoded together) and 1 (one at a time), each
+  twice in the order 1, 8, 8, 1; seconds and the ratio.
 - validate: ``merger validate`` wall time (process start to exit, median of 3) of a one-stage recipe: a
   mergekit merge, and an adapters fold; each side.
 """
@@ -40,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's merger, whatever the venv has installed
 FIXTURES = Path(os.environ.get("MERGER_FIXTURES", REPO.parent / "shared" / "fixtures"))
 RECIPE = REPO / "recipes" / "gemma-tasks-quantized.yaml"
-SECTIONS = ("evaluate", "accuracy", "validate")
+SECTIONS = ("evaluate", "accuracy", "llama", "validate")
 TASKS = ("sentiment", "json")
 LIMIT = 50
 console = Console()
@@ -167,6 +170,42 @@ def _accuracy_row(store, task: str, work: Path) -> dict:
     return row
 
 
+def llama_section(store_home: Path) -> list[dict]:
+    """In this process (this checkout): the quantized files on llama.cpp, batch_size 8 against 1 on the same loaded model."""
+    from functools import partial
+
+    from merger.evaluation.datasets import read_examples
+    from merger.evaluation.metrics import generation_accuracy, perplexity
+    from merger.evaluation.runtimes import LlamaCpp, evaluation_threads
+    from merger.settings import Settings
+    from merger.store import Store
+
+    os.environ |= side_env(REPO, store_home)
+    store = Store(Settings())
+    text = (store_home / "data" / "text" / "python-docs.txt").read_text()
+    rows = []
+    with evaluation_threads():
+        for name in ("gemma-tasks-q8", "gemma-tasks-q4"):
+            lm = LlamaCpp().load(store.path_of(store.find(name)), dtype="float32")
+            measures = {task: partial(generation_accuracy, lm, read_examples(FIXTURES / "tasks" / f"{task}.jsonl", LIMIT))
+                        for task in TASKS} | {"perplexity": partial(perplexity, lm, text, window=512, limit=None)}
+            for label, measure in measures.items():
+                seconds, values = {1: [], 8: []}, set()
+                for batch in (1, 8, 8, 1):
+                    run = measure(batch_size=batch, step=lambda *_: None)
+                    seconds[batch].append(run.seconds)
+                    values.add(run.values["perplexity" if label == "perplexity" else "accuracy"])
+                rows.append({"model": name, "data": label, "values": sorted(values), "b1_seconds": seconds[1], "b8_seconds": seconds[8]})
+    table = Table(title="llama.cpp, same loaded model, batch_size 8 against 1 (runs in the order 1, 8, 8, 1; seconds summed)")
+    for heading in ("model", "data", "value (every run)", "b1 s", "b8 s", "b1 s / b8 s"):
+        table.add_column(heading, justify="right")
+    for r in rows:
+        one, eight = sum(r["b1_seconds"]), sum(r["b8_seconds"])
+        table.add_row(r["model"], r["data"], ", ".join(f"{v:.4f}" for v in r["values"]), f"{one:.1f}", f"{eight:.1f}", f"{one / eight:.2f}")
+    console.print(table)
+    return rows
+
+
 def validate_section(sides: dict[str, Path], template: Path, work: Path) -> dict:
     recipes = {
         "merge (linear)": {"merge_method": "linear", "dtype": "bfloat16", "models": [
@@ -222,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         results["evaluate"] = evaluate_section(sides, args.store.resolve(), work, limit=args.limit, concurrent=args.concurrent)
     if "accuracy" in sections:
         results["accuracy"] = accuracy_section(side_store(args.store.resolve(), work / "accuracy-home"), work)
+    if "llama" in sections:
+        results["llama"] = llama_section(side_store(args.store.resolve(), work / "llama-home"))
     if "validate" in sections:
         results["validate"] = validate_section(sides, args.store.resolve(), work)
     console.print(f"load after: {os.getloadavg()}")

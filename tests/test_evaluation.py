@@ -545,6 +545,55 @@ def test_llama_cpp_logits_read_in_place_are_llama_cpp_pythons(settings, store, e
     assert lm.greedy(ids[:9], 1) == [int(scores[8].argmax())]
 
 
+def tiny_llama_cpp(store, eval_root, tmp_path):
+    from merger.evaluation.runtimes import LlamaCpp
+
+    gguf, _ = stored_gguf(store, eval_root / "llama-spm", tmp_path)
+    return LlamaCpp().load(store.path_of(gguf), dtype="float32")
+
+
+def spm_sequences(lm, lengths: list[int]) -> list[list[int]]:
+    return [lm.encode(word_text(200, seed=n, words=WORDS), special=True)[:n] for n in lengths]
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_decodes_sequences_together_as_one_at_a_time(settings, store, eval_root, tmp_path):
+    lm = tiny_llama_cpp(store, eval_root, tmp_path)
+    sequences = spm_sequences(lm, [40, 3, 128, 17, 60, 2])
+    together = lm.token_logprobs(sequences)
+    assert all(torch.equal(a, b) for a, b in zip(together, [lm.token_logprobs([seq])[0] for seq in sequences], strict=True))
+    prompts, budgets = spm_sequences(lm, [5, 1, 30, 12, 7]), [1, 6, 3, 0, 5]
+    assert lm.greedy_batch(prompts, budgets) == [lm.greedy(prompt, budget) for prompt, budget in zip(prompts, budgets)]
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_splits_what_its_cache_cannot_hold_at_once(settings, store, eval_root, tmp_path, monkeypatch):
+    whole = tiny_llama_cpp(store, eval_root, tmp_path)
+    monkeypatch.setattr(runtimes, "LLAMA_CPP_MAX_CONTEXT", 256)  # the smallest cache llama.cpp makes
+    monkeypatch.setattr(runtimes, "LLAMA_CPP_SEQUENCES", 3)
+    lm = runtimes.LlamaCpp().load(store.path_of(store.find("llama-spm-gguf")), dtype="float32")
+    assert lm.context_length == 128  # one sequence: the model's trained context
+    sequences = spm_sequences(lm, [120, 100, 90, 30, 20, 10, 5])  # 375 tokens: more than one decode holds
+    assert lm._packs([len(seq) for seq in sequences], [len(seq) - 1 for seq in sequences]) == [range(0, 2), range(2, 5), range(5, 7)]
+    monkeypatch.setattr(runtimes, "LOGITS_BUDGET_BYTES", 100 * 320 * 4)  # logits of 100 positions (320 tokens' vocabulary)
+    assert lm._packs([len(seq) for seq in sequences], [len(seq) - 1 for seq in sequences]) == [range(0, 1), range(1, 2), range(2, 3), range(3, 6), range(6, 7)]
+    assert all(torch.equal(a, b) for a, b in zip(lm.token_logprobs(sequences), whole.token_logprobs(sequences), strict=True))
+    prompts, budgets = spm_sequences(lm, [110, 100, 20, 60]), [10, 20, 40, 8]
+    assert lm.greedy_batch(prompts, budgets) == whole.greedy_batch(prompts, budgets)
+    with pytest.raises(CannotEvaluate, match="129 tokens do not fit llama.cpp's context of 128"):
+        lm.token_logprobs([sequences[-1], sequences[0] + sequences[-2][:9]])
+    with pytest.raises(CannotEvaluate, match="130 tokens do not fit llama.cpp's context of 128"):
+        lm.greedy_batch([prompts[0]], [20])
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_frees_its_model_with_the_loaded_model(settings, store, eval_root, tmp_path):
+    lm = tiny_llama_cpp(store, eval_root, tmp_path)
+    model, context = lm._model, lm._context  # they refer to each other: the garbage collector alone would free them
+    del lm
+    assert model.model is None and context.ctx is None
+
+
 def test_a_gguf_header_is_read_as_ggufs_reader_reads_it(eval_root, tmp_path):
     from gguf import GGUFReader
 

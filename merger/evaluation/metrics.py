@@ -6,8 +6,8 @@
   first of each window. Windows are independent (no overlap).
 - task accuracy: the prompt is tokenized as the model's tokenizer does (BOS added as it adds it), decoded
   greedily for (answer tokens + 1) new tokens; right when the decoded continuation (special tokens
-  skipped) starts with the answer exactly. ``batch_size`` examples are decoded together (left-padded, each
-  stopping at its own length or end of sequence): the same tokens as one at a time. The answer's tokens are
+  skipped) starts with the answer exactly. ``batch_size`` examples are decoded together (each its own row or
+  sequence, stopping at its own length or end of sequence): the same tokens as one at a time. The answer's tokens are
   a guess that one forward pass checks (greedy decoding picks them anyway, or the pass gives its first
   other pick), and a continuation stops once its text starts with or departs from the answer, so a right
   answer costs one pass, not one per token, and a wrong one stops where it goes wrong.

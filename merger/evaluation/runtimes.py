@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_DTYPE = "float32"  # what transformers dequantizes a GGUF file to, unless told otherwise
-LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits one transformers forward pass may hold
-LLAMA_CPP_MAX_CONTEXT = 4096  # llama.cpp's context (KV cache) is capped here, or at the model's trained context
+LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits one transformers forward pass or llama.cpp decode may hold
+LLAMA_CPP_MAX_CONTEXT = 4096  # llama.cpp's KV cache, shared by a decode's sequences; one sequence is also capped at the model's trained context
+LLAMA_CPP_SEQUENCES = 64  # sequences one llama.cpp decode takes at most (the context's n_seq_max)
 # Logits rows reduced together: 16 MB of float32 with a 262,144-token vocabulary, so that glibc's malloc serves their
 # temporaries from its heap (above 32 MiB it maps fresh pages for each, and the page faults took more time than the math)
 BLOCK_ROWS = 16
@@ -480,56 +481,88 @@ def _loading(where: Path, load):
 
 
 class LlamaCppModel:
-    """A llama.cpp model, decoded through llama.cpp's batch API: logits only at the positions asked for, read in
-    place from llama.cpp's buffer (llama-cpp-python's ``Llama.eval`` keeps every position's and copies them)."""
+    """A llama.cpp model, decoded through llama.cpp's batch API: several sequences in one decode, each its own
+    sequence in one KV cache they share; logits only at the positions asked for, read in place from llama.cpp's
+    buffer (llama-cpp-python's ``Llama.eval`` keeps every position's and copies them)."""
 
-    def __init__(self, llm):
+    def __init__(self, model, context):
         import llama_cpp
 
-        self.runtime, self.llm = LlamaCpp.name, llm
-        self.context_length = min(llm.n_ctx(), llm._model.n_ctx_train())
+        self.runtime, self._model, self._context = LlamaCpp.name, model, context
+        self._cells = llama_cpp.llama_n_ctx(context.ctx)  # the KV cache all sequences of a decode share
+        self._sequences = llama_cpp.llama_n_seq_max(context.ctx)
+        self.context_length = min(self._cells, model.n_ctx_train())  # one sequence's positions
         self.decodes_by_appending = True
-        self._vocab, self._vocabulary = llm._model.vocab, llm.n_vocab()
+        self._vocab, self._vocabulary = model.vocab, model.n_vocab()
         self._is_eog = llama_cpp.llama_vocab_is_eog
-        self._batch = llama_cpp.llama_batch_init(llm.n_ctx(), 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self._cells, 0, 1)
         self._free_batch = llama_cpp.llama_batch_free
 
     def __del__(self):
         self._free_batch(self._batch)
+        # the context, then the model: llama-cpp-python's two refer to each other, so that without this only the
+        # garbage collector would free them (3 loads of Gemma 3 270M Q8_0 held 5.5 GB until it ran)
+        self._model.close()
 
     def encode(self, text: str, *, special: bool) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=special, special=False)
+        return self._model.tokenize(text.encode("utf-8"), add_bos=special, special=False)
 
     def decode(self, ids: list[int]) -> str:
-        return self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
+        return self._model.detokenize(ids, special=False).decode("utf-8", errors="replace")
 
     def token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        # one sequence at a time
-        return [token_logprobs(self.next_token_logits(seq), seq) for seq in sequences]
+        for seq in sequences:
+            self._check_fits(len(seq))
+        found = []
+        for pack in self._packs([len(seq) for seq in sequences], [len(seq) - 1 for seq in sequences]):
+            self._context.kv_cache_clear()
+            logits = torch.from_numpy(self._decode([(s, sequences[i], 0, range(len(sequences[i]) - 1)) for s, i in enumerate(pack)]))
+            first = 0
+            for i in pack:
+                rows = logits[first:first + len(sequences[i]) - 1]
+                found.append(token_logprobs(lambda start, stop, rows=rows: rows[start:stop], sequences[i]))
+                first += len(rows)
+        return found
 
     def next_token_logits(self, ids: list[int]) -> Rows:
         self._check_fits(len(ids))
-        logits = torch.from_numpy(self._decode(ids, 0, range(len(ids) - 1)))
+        self._context.kv_cache_clear()
+        logits = torch.from_numpy(self._decode([(0, ids, 0, range(len(ids) - 1))]))
         return lambda start, stop: logits[start:stop]
 
-    def _decode(self, tokens: list[int], position: int, outputs: range) -> "np.ndarray":
-        """Run ``tokens`` from ``position`` on (the cache keeps what precedes it); the logits after the tokens at
-        ``outputs`` (indices into ``tokens``): len(outputs) × vocabulary, a view of llama.cpp's buffer, valid
-        until the next decode."""
+    def _packs(self, cells: list[int], outputs: list[int]) -> list[range]:
+        """Consecutive sequences decoded together: at most the context's sequences, their ``cells`` (tokens the
+        cache holds) within the KV cache, their ``outputs`` (logits rows) within LOGITS_BUDGET_BYTES; a
+        sequence alone may exceed that budget."""
+        packs, start, held, rows = [], 0, 0, 0
+        for i, (need, scored) in enumerate(zip(cells, outputs, strict=True)):
+            if i > start and (i - start == self._sequences or held + need > self._cells
+                              or (rows + scored) * self._vocabulary * 4 > LOGITS_BUDGET_BYTES):
+                packs.append(range(start, i))
+                start, held, rows = i, 0, 0
+            held, rows = held + need, rows + scored
+        return packs + [range(start, len(cells))] if cells else packs
+
+    def _decode(self, pieces: list[tuple[int, list[int], int, range]]) -> "np.ndarray":
+        """Run each piece — (sequence id, tokens, first position, outputs) — in one decode; the cache keeps each
+        sequence's earlier positions. The logits after the tokens at each piece's ``outputs`` (indices into its
+        tokens), piece after piece: outputs × vocabulary, a view of llama.cpp's buffer, valid until the next decode."""
         import llama_cpp
         import numpy as np
 
         threads = torch.get_num_threads()  # what evaluation_threads chose last: the cores idle now
-        llama_cpp.llama_set_n_threads(self.llm._ctx.ctx, threads, threads)  # n_threads_batch: every multi-token decode
-        self.llm._ctx.kv_cache_seq_rm(0, position, -1)
-        batch = self._batch
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, position + i, 1, 0
-            batch.logits[i] = i in outputs
-        if llama_cpp.llama_decode(self.llm._ctx.ctx, batch) != 0:
-            raise CannotEvaluate(f"llama.cpp could not decode {len(tokens)} tokens at position {position}")
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm._ctx.ctx), shape=(len(outputs), self._vocabulary))
+        llama_cpp.llama_set_n_threads(self._context.ctx, threads, threads)  # n_threads_batch: every multi-token decode
+        batch, n = self._batch, 0
+        for seq, tokens, position, outputs in pieces:
+            for i, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.seq_id[n][0] = token, position + i, 1, seq
+                batch.logits[n] = i in outputs
+                n += 1
+        batch.n_tokens = n
+        if llama_cpp.llama_decode(self._context.ctx, batch) != 0:
+            raise CannotEvaluate(f"llama.cpp could not decode {n} tokens of {len(pieces)} sequences")
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._context.ctx),
+                                     shape=(sum(len(outputs) for *_, outputs in pieces), self._vocabulary))
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         return self.greedy_batch([ids], [max_new_tokens])[0]
@@ -537,25 +570,50 @@ class LlamaCppModel:
     def greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int], *, guesses: list[list[int]] | None = None,
                      settled: Settled | None = None) -> list[list[int]]:
         settled = settled or _never
-        return [self._greedy(ids, budget, guess, partial(settled, row))
-                for row, (ids, budget, guess) in enumerate(zip(prompts, max_new_tokens, guesses or [[]] * len(prompts), strict=True))]
+        guesses = guesses or [[] for _ in prompts]
+        for prompt, budget in zip(prompts, max_new_tokens, strict=True):
+            self._check_fits(len(prompt) + budget)
+        found = []
+        for pack in self._packs([len(prompts[i]) + max_new_tokens[i] for i in range(len(prompts))],
+                                [min(len(guesses[i]), max(max_new_tokens[i] - 1, 0)) + 1 for i in range(len(prompts))]):
+            found += self._greedy([prompts[i] for i in pack], [max_new_tokens[i] for i in pack], [guesses[i] for i in pack],
+                                  lambda s, tokens, pack=pack: settled(pack[s], tokens))
+        return found
 
-    def _greedy(self, ids: list[int], max_new_tokens: int, guess: list[int], settled: Callable[[list[int]], bool]) -> list[int]:
-        self._check_fits(len(ids) + max_new_tokens)
-        guess = list(guess[:max(max_new_tokens - 1, 0)])
-        # logits after the prompt and after each guessed token only
-        predicted = self._decode(ids + guess, 0, range(len(ids) - 1, len(ids) + len(guess))).argmax(-1).tolist()
-        agreed = next((i for i, (g, p) in enumerate(zip(guess, predicted)) if g != p), len(guess))
-        new = predicted[:min(agreed + 1, max_new_tokens)]
-        ends = next((i for i, token in enumerate(new) if self._is_eog(self._vocab, token)), None)
-        if ends is not None:
-            return new[:ends + 1]
-        while new and len(new) < max_new_tokens and not settled(new):
-            # the cache keeps the prompt and the agreed tokens; the guess's rejected tail is dropped
-            new.append(int(self._decode(new[-1:], len(ids) + len(new) - 1, range(1)).argmax()))
-            if self._is_eog(self._vocab, new[-1]):
-                break
-        return new
+    def _greedy(self, prompts: list[list[int]], budgets: list[int], guesses: list[list[int]], settled: Settled) -> list[list[int]]:
+        """Greedy continuations of prompts that fit the cache together, each its own sequence: one decode over
+        every prompt + guess (logits after the prompt and after each guessed token only), then one decode per
+        step of a token of each sequence still running; each stops at its own budget, end of generation or
+        ``settled``."""
+        self._context.kv_cache_clear()
+        guesses = [guess[:max(budget - 1, 0)] for guess, budget in zip(guesses, budgets, strict=True)]
+        logits = self._decode([(s, prompt + guess, 0, range(len(prompt) - 1, len(prompt) + len(guess)))
+                               for s, (prompt, guess) in enumerate(zip(prompts, guesses))])
+        predicted, first = logits.argmax(-1).tolist(), 0
+        found, running = [], []
+        for s, (prompt, guess, budget) in enumerate(zip(prompts, guesses, budgets)):
+            picks, first = predicted[first:first + len(guess) + 1], first + len(guess) + 1
+            agreed = next((i for i, (g, p) in enumerate(zip(guess, picks)) if g != p), len(guess))
+            new = picks[:min(agreed + 1, budget)]
+            new = _through_first(new, set(filter(self._ends, new)))
+            found.append(new)
+            if new and not self._done(new, budget) and not settled(s, new):
+                # the cache keeps the prompt and the agreed tokens; the guess's rejected tail is dropped
+                self._context.kv_cache_seq_rm(s, len(prompt) + len(new) - 1, -1)
+                running.append(s)
+        while running:
+            steps = self._decode([(s, found[s][-1:], len(prompts[s]) + len(found[s]) - 1, range(1)) for s in running])
+            for s, token in zip(running, steps.argmax(-1).tolist(), strict=True):
+                found[s].append(token)
+            running = [s for s in running if not self._done(found[s], budgets[s]) and not settled(s, found[s])]
+        return found
+
+    def _ends(self, token: int) -> bool:
+        """Whether ``token`` ends generation (the vocabulary's end-of-generation tokens)."""
+        return self._is_eog(self._vocab, token)
+
+    def _done(self, tokens: list[int], budget: int) -> bool:
+        return len(tokens) >= budget or self._ends(tokens[-1])
 
     def _check_fits(self, length: int) -> None:
         if length > self.context_length:
@@ -566,17 +624,31 @@ class LlamaCpp:
     name = "llama.cpp"
 
     def load(self, model_dir: Path, *, dtype: str, tokenizer_dir: Path | None = None, device: str = "cpu") -> LlamaCppModel:
-        from llama_cpp import Llama
+        import llama_cpp
+        from llama_cpp import _internals
+        from llama_cpp._logger import set_verbose
 
+        # what llama-cpp-python's Llama is built of: Llama sets the context's n_seq_max for embedding models only
         path = gguf_file(model_dir)
+        set_verbose(False)  # llama.cpp's log, as Llama(verbose=False) quiets it
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0 if device == "cpu" else 0x7FFFFFFF  # every layer (how Llama passes -1)
+        context_params = llama_cpp.llama_context_default_params()
+        # one decode takes every sequence that fits the cache (llama.cpp splits it into micro-batches of n_ubatch);
+        # one cache for all sequences (a sequence's tokens attend to its own only), full-size for sliding-window
+        # layers (swa_full, the default), attention without flash attention (as llama-cpp-python's Llama runs it)
+        context_params.n_ctx = context_params.n_batch = LLAMA_CPP_MAX_CONTEXT
+        context_params.n_ubatch = 512
+        context_params.n_seq_max, context_params.kv_unified = LLAMA_CPP_SEQUENCES, True
+        context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         try:
             with native_stderr():  # llama.cpp notes its cache layout on every load, verbose=False or not
-                # one decode takes a whole sequence (llama.cpp splits it into micro-batches of n_ubatch)
-                llm = Llama(model_path=str(path), n_ctx=LLAMA_CPP_MAX_CONTEXT, n_batch=LLAMA_CPP_MAX_CONTEXT, n_ubatch=512,
-                            n_gpu_layers=0 if device == "cpu" else -1, verbose=False)
+                model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+                context = _internals.LlamaContext(model=model, params=context_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise CannotEvaluate(f"{path}: llama.cpp {version('llama_cpp_python')} can't load it ({exc})") from None
-        return LlamaCppModel(llm)
+        return LlamaCppModel(model, context)
 
     def versions(self) -> dict[str, str]:
         return {"llama_cpp_python": version("llama_cpp_python")}
