@@ -6,9 +6,10 @@ compares these with mergekit's."""
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
-from typing import Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
-from pydantic import TypeAdapter
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 # every method mergekit 0.1.5 registers, in its order
 MERGEKIT_METHODS = (
@@ -33,7 +34,9 @@ MISSING = object()  # a parameter without a default is required
 
 
 @cache
-def _adapter(value_type: type) -> TypeAdapter:
+def _adapter(value_type: type) -> "TypeAdapter":
+    from pydantic import TypeAdapter  # not on the merge engine's path: importing pydantic took 0.15 s
+
     return TypeAdapter(value_type)
 
 

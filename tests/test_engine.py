@@ -263,7 +263,7 @@ def test_merges_in_parts(prefix, method, families, tmp_path, monkeypatch):
     from merger.engine import methods, stream
 
     monkeypatch.setattr(stream, "CHUNK_ELEMENTS", 333)  # tiny: every matrix is split, unevenly
-    monkeypatch.setattr(methods, "FUSED_RUN_ELEMENTS", 333)
+    monkeypatch.setattr(methods, "LINEAR_RUN_ELEMENTS", 333)
     ours, theirs = run_both(configs(prefix)[method], families, tmp_path)
     largest = max(t.numel() for t in load_file(ours / "model.safetensors").values())
     assert largest > 2 * (SLERP_CHUNK if method == "slerp" else 333)

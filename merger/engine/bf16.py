@@ -1,21 +1,15 @@
-"""Merge steps on bfloat16 tensors fused into compiled loops that round exactly where torch's CPU kernels round:
-each torch op computes in float32 and rounds its result (to float32, or to bfloat16: nearest, ties to even);
-sums over the models' axis accumulate in float32 from +0.0, in model order.
-
-- TIES's combining step on two task vectors (each op's result rounded to bfloat16, as torch computes in bf16);
-- linear's weighted sum (in float32, each step a fused multiply-add as torch's addcmul, rounded to bfloat16 at
-  the end).
+"""TIES's combining step on two bfloat16 task vectors fused into one compiled loop that rounds exactly where
+torch's CPU kernels round: each torch op computes in float32 and rounds its result to bfloat16 (nearest, ties to
+even); sums over the models' axis accumulate from +0.0, in model order.
 
 Finite results only: a NaN anywhere (whose bits torch's vectorized and scalar paths spell differently) makes a
 loop decline, and the torch ops run instead. Serial loops on purpose: a numba ``parallel`` loop changed the
 OpenMP thread count torch's later reductions ran with, and DARE's rescaling sums (single-threaded in mergekit
--j 1) came out different; callers run loops on separate runs in threads instead (they release the GIL)."""
+-j 1) came out different; tensors merged at once run it in separate threads instead (it releases the GIL)."""
 
 import numba
 import numpy as np
 import torch
-from numba.core import types
-from numba.extending import intrinsic
 
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
 
@@ -53,44 +47,8 @@ def _ties_combine(first, second, base, weight_first, weight_second, normalize, o
     return failed == 0
 
 
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """a * b + c rounded once (float32): what torch's compiled ``self + t1 * t2`` (addcmul) computes."""
-    def codegen(context, builder, signature, args):
-        return builder.fma(*args)
-    return types.float32(types.float32, types.float32, types.float32), codegen
-
-
-@numba.njit(cache=True, nogil=True)
-def _accumulate(run, weight, first, total) -> None:
-    """One model's addcmul_ into the sum (torch.zeros_like's +0.0 before the first)."""
-    for j in range(len(total)):
-        total[j] = _fma(_widen(run[j]), weight, _ZERO if first else total[j])
-
-
-@numba.njit(cache=True, nogil=True)
-def _rounded(total, normalize, divisor, out) -> bool:
-    failed = 0
-    for j in range(len(out)):
-        value = total[j] / divisor if normalize else total[j]
-        failed += value != value
-        out[j] = np.uint16(np.float32(_round(value)).view(np.uint32) >> np.uint32(16))
-    return failed == 0
-
-
 def _bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(torch.uint16).numpy()
-
-
-def linear_combine(runs: list[torch.Tensor], weights: torch.Tensor, normalize: bool, divisor: torch.Tensor, out: torch.Tensor) -> bool:
-    """out = sum_i weights[i] * runs[i] (divided by ``divisor`` with ``normalize``) of bfloat16 runs, computed in
-    float32 and rounded to bfloat16; False where torch must decide."""
-    from merger.engine.stream import scratch
-
-    total = scratch("linear", len(out), torch.float32).numpy()
-    for i, (run, weight) in enumerate(zip(runs, weights.tolist(), strict=True)):
-        _accumulate(_bits(run), np.float32(weight), i == 0, total)
-    return _rounded(total, normalize, np.float32(divisor.item()), _bits(out))
 
 
 def ties_combine(deltas, base, weights, normalize: bool):

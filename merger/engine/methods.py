@@ -12,7 +12,7 @@ import torch
 
 from merger.engine.sparsify import SPARSIFIERS, Sparsifier
 from merger.engine.safetensors_io import view
-from merger.engine.stream import Inputs, Output, in_threads, scratch
+from merger.engine.stream import Inputs, Output, scratch
 from merger.merge_methods import NATIVE_METHODS, BasePolicy, ParameterScope
 
 # run(inputs, output, index of the base or None, shared params, per-input params in mergekit's input order)
@@ -55,60 +55,27 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# a compiled loop: (the inputs' runs as stored, the output's run to fill) -> True, or False where it declines
-Fused = Callable[[list[torch.Tensor], torch.Tensor], bool]
-FUSED_RUN_ELEMENTS = 1024 * 1024  # per run of a fused loop (its buffers are each thread's, reused)
+LINEAR_RUN_ELEMENTS = 1024 * 1024  # per run of linear's sum (its float32 buffers, 4 MB each, stay in cache)
 
 
-def elementwise(merge: Callable[[list[torch.Tensor], int | None, dict, list[dict]], torch.Tensor],
-                fused: Callable[[Inputs, Output, dict, list[dict]], Fused | None] | None = None) -> Run:
-    """A method whose every output element depends on the same element of the inputs only, run on runs of elements.
-    ``fused(inputs, output, shared, params)``: a compiled loop for these inputs, or None; its runs go to threads,
-    and a run it declines goes to ``merge``."""
-    def run(inputs: Inputs, out: Output, base_index, shared, params) -> None:
-        def merged(span: slice) -> None:
-            out.write(merge([inputs.read(i, span) for i in range(len(inputs.stored))], base_index, shared, params), span.start)
-
-        loop = fused(inputs, out, shared, params) if fused else None
-        if loop is None:
-            for span in inputs.spans():
-                merged(span)
-            return
-
-        def fast(span: slice) -> None:
-            result = scratch("fused", span.stop - span.start, out.dtype)
-            if loop(inputs.runs(span), result):
-                out.write(result, span.start)
-            else:
-                merged(span)
-
-        in_threads(fast, inputs.spans(FUSED_RUN_ELEMENTS))
-    return run
-
-
-def linear(tensors, base_index, shared, inputs) -> torch.Tensor:
-    # mergekit packs one output as a batch of one: a leading axis of size 1, coefficients shaped [1, inputs]
-    packed = [t.unsqueeze(0) for t in tensors]
-    dtype = _compute_dtype(packed[0].dtype)
-    weight = torch.tensor([[p["weight"] for p in inputs]], dtype=dtype).to(dtype)
-    shape = (1,) + (1,) * (packed[0].ndim - 1)
-    result = torch.zeros_like(packed[0], dtype=dtype)
-    for tensor, coefficient in zip(packed, weight.unbind(1)):
-        result.addcmul_(tensor, coefficient.reshape(shape))
-    if shared["normalize"]:
-        result.div_(weight.sum(dim=1).reshape(shape))
-    return result.to(packed[0].dtype)[0]
-
-
-def fused_linear(inputs: Inputs, out: Output, shared, params) -> Fused | None:
-    """``linear`` of bfloat16 inputs into a bfloat16 output, as one compiled loop."""
-    if not (inputs.stored_as(torch.bfloat16) and out.dtype == torch.bfloat16):
-        return None
-    from merger.engine.bf16 import linear_combine  # numba compiles (or loads its cache) on first use
-
-    weight = torch.tensor([[p["weight"] for p in params]], dtype=torch.float32)
-    divisor = weight.sum(dim=1)
-    return lambda runs, result: linear_combine(runs, weight[0], shared["normalize"], divisor, result)
+def linear(inputs: Inputs, out: Output, base_index, shared, params) -> None:
+    """mergekit's linear: a float32 sum (float64 for float64 inputs) from +0.0, one ``addcmul_`` of each input by its
+    weight in model order (a fused multiply-add), divided by the weights' sum with ``normalize``, rounded to the
+    inputs' dtype. A run of elements at a time, in reused buffers: each input is widened there first, as torch's
+    ``addcmul_`` widens a bfloat16 operand before its float32 kernel runs (the same bits, without a fresh
+    temporary's page faults per run)."""
+    dtype = _compute_dtype(inputs.dtype)
+    weight = torch.tensor([[p["weight"] for p in params]], dtype=dtype)  # mergekit's shape: a batch of one
+    coefficients, divisor = weight[0].unbind(0), weight.sum(dim=1)
+    for span in inputs.spans(LINEAR_RUN_ELEMENTS):
+        count = span.stop - span.start
+        total = scratch("linear-sum", count, dtype).zero_()
+        for i, coefficient in enumerate(coefficients):
+            run = inputs.read(i, span).reshape(-1)
+            total.addcmul_(run if run.dtype == dtype else scratch("linear-input", count, dtype).copy_(run), coefficient)
+        if shared["normalize"]:
+            total.div_(divisor)
+        out.write(total if inputs.dtype == dtype else scratch("linear-out", count, inputs.dtype).copy_(total), span.start)
 
 
 SLERP_CHUNK = 1024 * 1024  # mergekit's bound on full-precision scratch, in elements
@@ -285,7 +252,7 @@ def _declared(name: str) -> dict[str, Any]:
 
 
 METHODS: dict[str, Method] = {
-    "linear": Method("linear", elementwise(linear, fused_linear), **_declared("linear")),
+    "linear": Method("linear", linear, **_declared("linear")),
     "slerp": Method("slerp", slerp, **_declared("slerp")),
     **{name: variant.method(name) for name, variant in {
         "task_arithmetic": TaskArithmetic(None, False),

@@ -1,12 +1,10 @@
 """One output tensor's inputs and its output as flat runs of elements (memory order), so that a method can make
-several passes over a large tensor while holding only a run of it at a time; each thread's scratch buffers, reused
-from run to run; and a pool of threads for compiled loops and file I/O."""
+several passes over a large tensor while holding only a run of it at a time; and each thread's scratch buffers,
+reused from run to run."""
 
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,24 +90,6 @@ def scratch(name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
         buffer = torch.empty(count, dtype=dtype)
         setattr(_scratch, key, buffer)
     return buffer[:count]
-
-
-@cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="merger-engine")  # its threads keep their scratch buffers
-
-
-def in_threads(work: Callable[[slice], None], spans: Iterable[slice]) -> None:
-    """work(span) for every span, on torch's number of threads: for compiled loops and file I/O, which release
-    the GIL (torch ops would multiply their own threads)."""
-    spans = list(spans)
-    threads = torch.get_num_threads()
-    if threads <= 1 or len(spans) <= 1:
-        for span in spans:
-            work(span)
-        return
-    for _ in _pool(threads).map(work, spans):  # raises the first failure
-        pass
 
 
 @dataclass(frozen=True)
