@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from merger.engine import execute, prepare
-from merger.exiting import leave
+from merger.process import leave, start
 
 
 def main() -> None:
@@ -25,5 +25,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    start()  # as the merger CLI starts
     main()
     leave(0)  # as the merger CLI leaves

@@ -22,7 +22,7 @@ from rich.tree import Tree
 from merger import graph
 from merger.db import ModelRow
 from merger.errors import MergerError, RecipeError
-from merger.exiting import leave
+from merger.process import leave, start
 from merger.formatting import human_size as _size
 from merger.noise import silence_libraries
 from merger.progress import ProgressEvent
@@ -634,7 +634,8 @@ def search(
 
 def main() -> None:
     """Entry point: errors print as messages (recipe problems with exit code 2), never tracebacks; the process
-    leaves without the interpreter's slow finalization (see merger.exiting)."""
+    starts and leaves as merger.process says."""
+    start()
     try:
         _main()
     except SystemExit as exc:
