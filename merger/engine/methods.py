@@ -67,12 +67,14 @@ def linear(inputs: Inputs, out: Output, base_index, shared, params) -> None:
     dtype = _compute_dtype(inputs.dtype)
     weight = torch.tensor([[p["weight"] for p in params]], dtype=dtype)  # mergekit's shape: a batch of one
     coefficients, divisor = weight[0].unbind(0), weight.sum(dim=1)
+    zero = torch.zeros(1, dtype=dtype)  # the sum's start, broadcast: the first addcmul writes the sum (no pass to zero it)
     for span in inputs.spans(LINEAR_RUN_ELEMENTS):
         count = span.stop - span.start
-        total = scratch("linear-sum", count, dtype).zero_()
+        total = scratch("linear-sum", count, dtype)
         for i, coefficient in enumerate(coefficients):
             run = inputs.read(i, span).reshape(-1)
-            total.addcmul_(run if run.dtype == dtype else scratch("linear-input", count, dtype).copy_(run), coefficient)
+            widened = run if run.dtype == dtype else scratch("linear-input", count, dtype).copy_(run)
+            torch.addcmul(zero if i == 0 else total, widened, coefficient, out=total)
         if shared["normalize"]:
             total.div_(divisor)
         out.write(total if inputs.dtype == dtype else scratch("linear-out", count, inputs.dtype).copy_(total), span.start)
