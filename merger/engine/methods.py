@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from merger.engine.sparsify import SPARSIFIERS, Sparsifier
-from merger.engine.safetensors_io import view
 from merger.engine.stream import Inputs, Output, scratch
 from merger.merge_methods import NATIVE_METHODS, BasePolicy, ParameterScope
 

@@ -49,14 +49,6 @@ class Inputs:
             self.held[key] = tensor
         return tensor
 
-    def runs(self, span: slice) -> list[torch.Tensor]:
-        """Every input's run of elements as stored (no conversion), read-only."""
-        return [view(stored, span) for stored in self.stored]
-
-    def stored_as(self, dtype: torch.dtype) -> bool:
-        """Whether every input is stored in ``dtype`` and the method sees it so, on the CPU."""
-        return self.dtype == dtype and self.device == "cpu" and all(s.spec.dtype == dtype for s in self.stored)
-
     def spans(self, elements: int = 0, multiple: int = 1) -> list[slice]:
         """Runs of about ``elements`` (default CHUNK_ELEMENTS) elements, each a multiple of ``multiple`` but the last."""
         step = max(1, (elements or CHUNK_ELEMENTS) // multiple) * multiple
