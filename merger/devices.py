@@ -11,4 +11,3 @@ def resolve(device: str) -> str:
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             return "cpu"
     return device
-

@@ -268,3 +268,20 @@ def test_merges_in_parts(prefix, method, families, tmp_path, monkeypatch):
     largest = max(t.numel() for t in load_file(ours / "model.safetensors").values())
     assert largest > 2 * (SLERP_CHUNK if method == "slerp" else 333)
     assert_same_output(ours, theirs)
+
+
+def test_a_truncated_input_is_refused_when_planned_and_runs_are_read_as_stored(tmp_path):
+    """The engine maps large runs of its inputs: a file shorter than its header says is refused before any read
+    (a mapping past its end would crash the process); small runs are read. Both give the stored values."""
+    from merger.engine.safetensors_io import MAPPED_BYTES, UnsupportedFile, read_header, view
+
+    path = tmp_path / "model.safetensors"
+    tensors = {"large": torch.randn(MAPPED_BYTES // 2 + 7), "small": torch.randn(5, 3)}
+    save_file(tensors, path)
+    stored = read_header(path)
+    assert torch.equal(view(stored["large"]), tensors["large"]) and torch.equal(view(stored["small"]), tensors["small"])
+    assert torch.equal(view(stored["large"], slice(1000, MAPPED_BYTES // 4 + 1000)), tensors["large"][1000:MAPPED_BYTES // 4 + 1000])
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1)
+    with pytest.raises(UnsupportedFile, match="shorter than its header"):
+        read_header(path)

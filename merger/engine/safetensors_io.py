@@ -1,7 +1,7 @@
 """safetensors files read and written tensor by tensor (no whole-file memory maps kept resident).
 
-Reading: a tensor, or a run of its elements, is mapped copy-on-write while it is used (``view``: no copy out of
-the page cache), or read with ``os.preadv`` into a tensor (``load``). Writing: the header is computed up front
+Reading: a tensor, or a run of its elements, is mapped copy-on-write while it is used (no copy out of the page
+cache), or, when small, read with ``os.preadv`` into a tensor. Writing: the header is computed up front
 from the names, dtypes and shapes, exactly as ``safetensors.torch.save_file`` lays a file out, and each tensor
 is written straight to its place with ``os.pwrite``; nothing is buffered.
 """
@@ -27,7 +27,7 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _DTYPE_RANK = {name: rank for rank, name in enumerate(
     ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"])}
 METADATA = {"format": "pt"}  # what safetensors.torch.save_file(..., metadata={"format": "pt"}) records
-# runs at least this large are mapped by ``view``: reading 8 MB runs of Gemma 3's embedding by mapping took 0.15-0.17 s
+# runs at least this large are mapped by ``view``: reading 8 MB runs of Gemma 3's embedding by mapping took 0.10-0.17 s
 # a pass, by preadv 0.22-0.28 s (the copy out of the page cache); smaller ones are read (a mapping costs syscalls)
 MAPPED_BYTES = 1 << 20
 
@@ -88,40 +88,32 @@ def _buffer(tensor: torch.Tensor):
     return (ctypes.c_ubyte * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
 
 
-def load(stored: StoredTensor, span: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor, or a run of its elements (flat, in memory order), read from its bytes into a new tensor or
-    ``out`` (contiguous, of the stored dtype). The file is opened per read; the page cache is the only cache."""
-    if span is None:
-        shape, start = stored.spec.shape, 0
-    else:
-        shape, start = (span.stop - span.start,), span.start * stored.spec.dtype.itemsize
-    tensor = torch.empty(shape, dtype=stored.spec.dtype) if out is None else out
-    if tensor.numel():
+def view(stored: StoredTensor, span: slice | None = None) -> torch.Tensor:
+    """One tensor, or a run of its elements (flat, in memory order), of the stored dtype: mapped from its file
+    copy-on-write (writes to it stay private) for as long as the returned tensor lives, or, for a run smaller than
+    MAPPED_BYTES, read into a new tensor. The file is opened per call; the page cache is the only cache."""
+    shape, start = (stored.spec.shape, 0) if span is None else ((span.stop - span.start,), span.start * stored.spec.dtype.itemsize)
+    count = TensorSpec(stored.spec.dtype, shape).numel
+    if count * stored.spec.dtype.itemsize >= MAPPED_BYTES:
+        begin = stored.offset + start
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        with open(stored.path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), begin - aligned + count * stored.spec.dtype.itemsize, access=mmap.ACCESS_COPY,
+                                offset=aligned)
+        return torch.frombuffer(mapping, dtype=stored.spec.dtype, count=count, offset=begin - aligned).view(shape)
+    tensor = torch.empty(shape, dtype=stored.spec.dtype)
+    if count:
         fd = os.open(stored.path, os.O_RDONLY)
         try:
-            view, done = memoryview(_buffer(tensor)).cast("B"), 0
-            while done < len(view):
-                read = os.preadv(fd, [view[done:]], stored.offset + start + done)
+            buffer, done = memoryview(_buffer(tensor)).cast("B"), 0
+            while done < len(buffer):
+                read = os.preadv(fd, [buffer[done:]], stored.offset + start + done)
                 if read == 0:
                     raise OSError(f"{stored.path} ends inside a tensor")
                 done += read
         finally:
             os.close(fd)
     return tensor
-
-
-def view(stored: StoredTensor, span: slice | None = None) -> torch.Tensor:
-    """One tensor, or a run of its elements (flat, in memory order), mapped from its file copy-on-write (writes to
-    it stay private) for as long as the returned tensor lives; a run smaller than MAPPED_BYTES is read."""
-    shape, start = (stored.spec.shape, 0) if span is None else ((span.stop - span.start,), span.start * stored.spec.dtype.itemsize)
-    count = TensorSpec(stored.spec.dtype, shape).numel
-    if count * stored.spec.dtype.itemsize < MAPPED_BYTES:
-        return load(stored, span)
-    begin = stored.offset + start
-    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-    with open(stored.path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), begin - aligned + count * stored.spec.dtype.itemsize, access=mmap.ACCESS_COPY, offset=aligned)
-    return torch.frombuffer(mapping, dtype=stored.spec.dtype, count=count, offset=begin - aligned).view(shape)
 
 
 def header_bytes(specs: dict[str, TensorSpec]) -> tuple[bytes, dict[str, int]]:
