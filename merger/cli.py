@@ -22,9 +22,9 @@ from rich.tree import Tree
 from merger import graph
 from merger.db import ModelRow
 from merger.errors import MergerError, RecipeError
-from merger.process import leave, start
 from merger.formatting import human_size as _size
 from merger.noise import silence_libraries
+from merger.process import leave, start
 from merger.progress import ProgressEvent
 from merger.settings import Settings
 from merger.store import Store
