@@ -16,7 +16,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from contextlib import contextmanager
 from functools import cached_property, partial
 from importlib.metadata import version
@@ -371,11 +371,11 @@ def _never(row: int, tokens: list[int]) -> bool:
     return False
 
 
-def _finished(tokens: list[int], budget: int, stops: set[int]) -> bool:
+def _finished(tokens: list[int], budget: int, stops: Container[int]) -> bool:
     return len(tokens) >= budget or bool(tokens) and tokens[-1] in stops
 
 
-def _through_first(tokens: list[int], stops: set[int]) -> list[int]:
+def _through_first(tokens: list[int], stops: Container[int]) -> list[int]:
     """``tokens`` up to and including the first of ``stops``."""
     return next((tokens[: i + 1] for i, token in enumerate(tokens) if token in stops), tokens)
 
@@ -493,8 +493,8 @@ class LlamaCppModel:
         self._sequences = llama_cpp.llama_n_seq_max(context.ctx)
         self.context_length = min(self._cells, model.n_ctx_train())  # one sequence's positions
         self.decodes_by_appending = True
-        self._vocab, self._vocabulary = model.vocab, model.n_vocab()
-        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._vocabulary = model.n_vocab()
+        self._ends = _EndOfGeneration(model.vocab)
         self._batch = llama_cpp.llama_batch_init(self._cells, 0, 1)
         self._free_batch = llama_cpp.llama_batch_free
 
@@ -595,9 +595,9 @@ class LlamaCppModel:
             picks, first = predicted[first:first + len(guess) + 1], first + len(guess) + 1
             agreed = next((i for i, (g, p) in enumerate(zip(guess, picks)) if g != p), len(guess))
             new = picks[:min(agreed + 1, budget)]
-            new = _through_first(new, set(filter(self._ends, new)))
+            new = _through_first(new, self._ends)
             found.append(new)
-            if new and not self._done(new, budget) and not settled(s, new):
+            if new and not _finished(new, budget, self._ends) and not settled(s, new):
                 # the cache keeps the prompt and the agreed tokens; the guess's rejected tail is dropped
                 self._context.kv_cache_seq_rm(s, len(prompt) + len(new) - 1, -1)
                 running.append(s)
@@ -605,19 +605,25 @@ class LlamaCppModel:
             steps = self._decode([(s, found[s][-1:], len(prompts[s]) + len(found[s]) - 1, range(1)) for s in running])
             for s, token in zip(running, steps.argmax(-1).tolist(), strict=True):
                 found[s].append(token)
-            running = [s for s in running if not self._done(found[s], budgets[s]) and not settled(s, found[s])]
+            running = [s for s in running if not _finished(found[s], budgets[s], self._ends) and not settled(s, found[s])]
         return found
-
-    def _ends(self, token: int) -> bool:
-        """Whether ``token`` ends generation (the vocabulary's end-of-generation tokens)."""
-        return self._is_eog(self._vocab, token)
-
-    def _done(self, tokens: list[int], budget: int) -> bool:
-        return len(tokens) >= budget or self._ends(tokens[-1])
 
     def _check_fits(self, length: int) -> None:
         if length > self.context_length:
             raise CannotEvaluate(f"{length} tokens do not fit llama.cpp's context of {self.context_length}")
+
+
+class _EndOfGeneration:
+    """A llama.cpp vocabulary's end-of-generation tokens as a container (``token in stops``), as ``_finished`` and
+    ``_through_first`` take stop tokens (llama.cpp answers per token; it lists no set)."""
+
+    def __init__(self, vocab):
+        import llama_cpp
+
+        self._vocab, self._is_eog = vocab, llama_cpp.llama_vocab_is_eog
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, int) and bool(self._is_eog(self._vocab, token))
 
 
 class LlamaCpp:
