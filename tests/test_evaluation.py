@@ -156,19 +156,31 @@ def test_models_with_the_same_tokenizer_files_share_one_tokenizer(model_root, tm
     assert edited is not base and edited.model_max_length == 77
 
 
-def test_auto_dtype_is_float32_unless_the_cpu_has_matrix_units_for_the_stored_one(settings, store, model_root, eval_root, monkeypatch):
+def test_auto_dtype_is_float32_unless_the_cpu_multiplies_the_stored_one_faster(settings, store, model_root, eval_root, monkeypatch):
     model = registered(store, model_root, "llama-base")  # stored in bfloat16
     data = text_file(eval_root / "data" / "words.txt", "words.txt")
 
-    def auto_on(flags: set[str]):
-        monkeypatch.setattr(runtimes, "_cpu_flags", lambda: flags)
+    def auto_on(bfloat16_faster: bool):  # a CPU whose bfloat16 products are faster than float32 ones, or not
+        monkeypatch.setattr(runtimes, "faster_than_float32", lambda dtype: dtype == "bfloat16" and bfloat16_faster)
         return evaluate(store, [model], [data], Options(window=32, limit=2, parents=False, dtype="auto")).results[0]
 
-    without_amx, with_amx = auto_on({"avx512_bf16"}), auto_on({"avx512_bf16", "amx_bf16"})
-    assert without_amx.row.settings["dtype"] == "float32" and with_amx.row.settings["dtype"] == "bfloat16"
-    assert without_amx.row.values["perplexity"] != with_amx.row.values["perplexity"]
+    slower, faster = auto_on(False), auto_on(True)
+    assert slower.row.settings["dtype"] == "float32" and faster.row.settings["dtype"] == "bfloat16"
+    assert slower.row.values["perplexity"] != faster.row.values["perplexity"]
     for dtype in ("float32", "bfloat16"):
         assert evaluate(store, [model], [data], Options(window=32, limit=2, parents=False, dtype=dtype)).results[0].cache_hit
+
+
+def test_the_dtype_probe_times_this_cpu(model_root):
+    runtimes.faster_than_float32.cache_clear()
+    timed = []
+    real = runtimes._matmul_seconds
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtimes, "_matmul_seconds", lambda dtype: timed.append(dtype) or real(dtype))
+        first = runtimes.faster_than_float32("bfloat16")
+        assert runtimes.faster_than_float32("bfloat16") is first  # timed once per process
+    assert timed == [torch.bfloat16, torch.float32] and all(real(dtype) > 0 for dtype in timed)
+    assert runtimes.auto_dtype(model_root / "llama-base") == ("bfloat16" if first else "float32")
 
 
 def test_perplexity_limit_counts_windows(settings, store, eval_root):
@@ -556,12 +568,18 @@ def spm_sequences(lm, lengths: list[int]) -> list[list[int]]:
     return [lm.encode(word_text(200, seed=n, words=WORDS), special=True)[:n] for n in lengths]
 
 
+def same_logprobs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the last bits: llama.cpp's CPU kernels may sum in another order for a batch of another size
+    (seen with AVX-512: 3e-6 apart on one position of a 128-token sequence)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-4)
+
+
 @pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
 def test_llama_cpp_decodes_sequences_together_as_one_at_a_time(settings, store, eval_root, tmp_path):
     lm = tiny_llama_cpp(store, eval_root, tmp_path)
     sequences = spm_sequences(lm, [40, 3, 128, 17, 60, 2])
     together = lm.token_logprobs(sequences)
-    assert all(torch.equal(a, b) for a, b in zip(together, [lm.token_logprobs([seq])[0] for seq in sequences], strict=True))
+    assert all(same_logprobs(a, b) for a, b in zip(together, [lm.token_logprobs([seq])[0] for seq in sequences], strict=True))
     prompts, budgets = spm_sequences(lm, [5, 1, 30, 12, 7]), [1, 6, 3, 0, 5]
     assert lm.greedy_batch(prompts, budgets) == [lm.greedy(prompt, budget) for prompt, budget in zip(prompts, budgets)]
 
@@ -577,7 +595,7 @@ def test_llama_cpp_splits_what_its_cache_cannot_hold_at_once(settings, store, ev
     assert lm._packs([len(seq) for seq in sequences], [len(seq) - 1 for seq in sequences]) == [range(0, 2), range(2, 5), range(5, 7)]
     monkeypatch.setattr(runtimes, "LOGITS_BUDGET_BYTES", 100 * 320 * 4)  # logits of 100 positions (320 tokens' vocabulary)
     assert lm._packs([len(seq) for seq in sequences], [len(seq) - 1 for seq in sequences]) == [range(0, 1), range(1, 2), range(2, 3), range(3, 6), range(6, 7)]
-    assert all(torch.equal(a, b) for a, b in zip(lm.token_logprobs(sequences), whole.token_logprobs(sequences), strict=True))
+    assert all(same_logprobs(a, b) for a, b in zip(lm.token_logprobs(sequences), whole.token_logprobs(sequences), strict=True))
     prompts, budgets = spm_sequences(lm, [110, 100, 20, 60]), [10, 20, 40, 8]
     assert lm.greedy_batch(prompts, budgets) == whole.greedy_batch(prompts, budgets)
     with pytest.raises(CannotEvaluate, match="129 tokens do not fit llama.cpp's context of 128"):

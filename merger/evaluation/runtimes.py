@@ -18,7 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Container
 from contextlib import contextmanager
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -41,7 +41,7 @@ LLAMA_CPP_SEQUENCES = 64  # sequences one llama.cpp decode takes at most (the co
 # temporaries from its heap (above 32 MiB it maps fresh pages for each, and the page faults took more time than the math)
 BLOCK_ROWS = 16
 HEAD_ROWS = 8 * BLOCK_ROWS  # rows the output layer computes at once (its weights, 0.7 GB for Gemma 3 270M, read once per block)
-MATRIX_UNITS = {"bfloat16": "amx_bf16", "float16": "amx_fp16"}  # CPU flags of native half-precision matrix units
+PROBE_SHAPE = (512, 1024, 2048)  # rows × inputs × outputs of the matrix product timed to choose a CPU's dtype
 
 
 Settled = Callable[[int, list[int]], bool]
@@ -147,23 +147,35 @@ def stored_dtype(model_dir: Path) -> str:
 
 def auto_dtype(model_dir: Path, device: str = "cpu") -> str:
     """What ``dtype: auto`` runs a model in under transformers: as stored where the device multiplies that
-    dtype's matrices natively (a GPU; bfloat16 from compute capability 8; on the CPU, AMX), else float32.
-    Without AMX, torch's bfloat16 matmuls are slower than float32 ones (a 512-token Gemma 3 270M forward pass:
-    2.0-2.6 s against 1.4 s on an AVX-512 Xeon)."""
+    dtype's matrices natively (a GPU; bfloat16 from compute capability 8) or, on a CPU, faster than float32
+    ones; else float32. A CPU's flags don't tell: with AVX512-BF16, a 512-token Gemma 3 270M forward pass in
+    bfloat16 took 2.0-2.6 s against 1.4 s in float32 on a Xeon, and 3x less time than float32 on an AMD EPYC."""
     stored = stored_dtype(model_dir)
     if device != "cpu":
         native = stored != "bfloat16" or torch.cuda.is_bf16_supported()
     else:
-        native = stored == "float32" or MATRIX_UNITS.get(stored) in _cpu_flags()
+        native = stored == "float32" or faster_than_float32(stored)
     return stored if native else "float32"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in cpuinfo.splitlines() if line.startswith("flags")), set())
+@cache
+def faster_than_float32(dtype: str) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices faster than float32 ones: one product of PROBE_SHAPE
+    timed in each (best of three, after a first call that picks the kernel), once per process."""
+    return _matmul_seconds(DTYPES[dtype]) < _matmul_seconds(torch.float32)
+
+
+def _matmul_seconds(dtype: torch.dtype) -> float:
+    rows, inputs, outputs = PROBE_SHAPE
+    x, weight = torch.randn(rows, inputs).to(dtype), torch.randn(outputs, inputs).to(dtype)
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, weight)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def llama_cpp_available() -> bool:
