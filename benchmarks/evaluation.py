@@ -4,7 +4,8 @@ default the main checkout), and merger's greedy task accuracy against lm-evaluat
     .venv/bin/python benchmarks/evaluation.py --store HOME [--before ../main] [--sections evaluate,accuracy,validate]
 
 HOME is a store (at the before checkout's database revision) that holds what
-``recipes/gemma-tasks-quantized.yaml`` builds (its stages but the evaluate one) and ``data/text/python-docs.txt``;
+``recipes/gemma-tasks-quantized.yaml`` builds and ``data/text/python-docs.txt`` (evaluation results it holds are
+not used);
 the fixtures (``../shared/fixtures``, ``MERGER_FIXTURES`` overrides) give the adapters and task files.
 Each side works on its own copy of HOME (models hard-linked, the database copied), so neither sees the
 other's evaluations or database revision.
@@ -64,7 +65,8 @@ metric_list:
 
 
 def side_store(template: Path, dest: Path) -> Path:
-    """A copy of the store: models hard-linked (content-addressed, never written), data copied, database backed up."""
+    """A copy of the store: models hard-linked (content-addressed, never written), data copied, database backed up
+    without its evaluation results (each side measures every one)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     shutil.copytree(template / "models", dest / "models", copy_function=os.link)
@@ -72,6 +74,8 @@ def side_store(template: Path, dest: Path) -> Path:
     source = sqlite3.connect(f"file:{template / 'merger.db'}?mode=ro", uri=True)
     target = sqlite3.connect(dest / "merger.db")
     source.backup(target)
+    with target:
+        target.execute("DELETE FROM evaluations")
     source.close(), target.close()
     return dest
 

@@ -3,14 +3,15 @@
 
 One command, from the repo root:
 
-    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties,fold,q8_0,q4_k_m] [--work DIR] [--base DIR]
+    .venv/bin/python benchmarks/run.py [--methods linear,slerp,ties,dare_ties,fold,q8_0,q4_k_m] [--work DIR] [--base DIR] [--repeat 3]
 
 1. prepare: import Gemma 3 270M into a benchmark store (or copy the directory --base names) to
    <work>/models/base; fold each fixture LoRA adapter into it (float32, saved as bf16) as
    <work>/models/ft-{sentiment,json}. Every step whose output exists is skipped.
-2. for each method, run both CLIs end to end (Python start-up included) on the same merge, in
-   alternating order, measuring each child's wall time and peak RSS (os.wait4 reports the usage
-   of that one child). Merge methods are measured twice on merger's side: `merger run` (the CLI,
+2. for each method, run both CLIs end to end (Python start-up included) on the same merge, --repeat
+   times (default 3) in alternating order, each run after `sync` (no other run's output is still being
+   written back) and on fresh output directories, measuring each child's wall time and peak RSS (os.wait4
+   reports the usage of that one child); the table gives the median time and the largest peak. Merge methods are measured twice on merger's side: `merger run` (the CLI,
    which hands these configs to merger's engine) and the engine alone (benchmarks/engine_merge.py,
    the same command line as mergekit-yaml).
    fold: both fixture adapters at weight 1.0 into the base, merger's adapters stage vs
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -91,8 +93,10 @@ with open(sys.argv[1], "w") as report:
 
 
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> Measured:
-    """Run cmd to completion; its wall time and peak RSS (children it waited for included)."""
+    """Run cmd to completion, after flushing every file written so far; its wall time and peak RSS (children it
+    waited for included)."""
     report = log.with_suffix(".usage.json")
+    os.sync()
     with open(log.with_suffix(".out"), "w+") as out, open(log.with_suffix(".err"), "w") as err:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *cmd], env=env, stdout=out, stderr=err, check=True)
@@ -178,7 +182,7 @@ def write_yaml(path: Path, data: dict) -> Path:
 # one method: both CLIs, alternating who goes first
 
 
-def bench(method: str, order: int, work: Path, models: Path) -> list[Row]:
+def bench(method: str, order: int, work: Path, models: Path, repeat: int) -> list[Row]:
     runs = work / "runs" / method
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
@@ -211,6 +215,7 @@ def bench(method: str, order: int, work: Path, models: Path) -> list[Row]:
         env = merger_env(work)
 
     def run_peer() -> Measured:
+        fresh(peer_out)
         return measure(peer_cmd, dict(os.environ), runs / "peer")
 
     def run_merger() -> Measured:
@@ -219,16 +224,23 @@ def bench(method: str, order: int, work: Path, models: Path) -> list[Row]:
     engine_out = runs / "engine-out"
 
     def run_engine() -> Measured:
+        fresh(engine_out)
         return measure([sys.executable, str(Path(__file__).parent / "engine_merge.py"), peer_cmd[1], str(engine_out),
                         "--random-seed", str(SEED)], merger_env(work), runs / "engine")
 
     ours = [("merger run", run_merger)] + ([("merger engine", run_engine)] if peer == "mergekit-yaml" else [])
-    console.print(f"[bold]{method}[/]: {f'{peer} first' if order % 2 == 0 else f'{peer} last'}")
-    if order % 2 == 0:
-        pr, measured = run_peer(), [(label, run()) for label, run in ours]
-    else:
-        measured = [(label, run()) for label, run in ours]
-        pr = run_peer()
+    console.print(f"[bold]{method}[/]: {repeat} runs of each, {peer} first in the {'odd' if order % 2 == 0 else 'even'} ones")
+    peer_runs: list[Measured] = []
+    our_runs: dict[str, list[Measured]] = {label: [] for label, _ in ours}
+    for r in range(repeat):
+        if (order + r) % 2 == 0:
+            peer_runs.append(run_peer())
+        for label, run in ours:
+            our_runs[label].append(run())
+        if (order + r) % 2 == 1:
+            peer_runs.append(run_peer())
+    pr = typical(peer_runs)
+    measured = [(label, typical(runs)) for label, runs in our_runs.items()]
 
     rows = []
     for label, mg in measured:
@@ -246,6 +258,19 @@ def bench(method: str, order: int, work: Path, models: Path) -> list[Row]:
             equal,
         ))
     return rows
+
+
+def fresh(out: Path) -> None:
+    """Remove an earlier run's output (not timed), so that every run writes a new file."""
+    if out.is_dir():
+        shutil.rmtree(out)
+    else:
+        out.unlink(missing_ok=True)
+
+
+def typical(runs: list[Measured]) -> Measured:
+    """The median wall time, the largest peak RSS, the last run's output."""
+    return Measured(statistics.median(m.seconds for m in runs), max(m.peak_rss_gb for m in runs), runs[-1].stdout)
 
 
 def fold_recipe() -> dict:
@@ -277,6 +302,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / ".work", help="inputs, outputs, store, results")
     parser.add_argument("--base", type=Path, help="a Gemma 3 270M directory to copy as the base instead of importing it")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each side per method (the median time is shown)")
     parser.add_argument("--evaluation", type=Path, metavar="STORE", help="then benchmarks/evaluation.py on STORE (see there)")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -286,10 +312,11 @@ def main() -> None:
 
     console.print(f"cores: {os.cpu_count()}  load average {os.getloadavg()}  mergekit {version('mergekit')}  torch {version('torch')}  transformers {version('transformers')}")
     models = prepare(work, args.base)
-    rows = [row for i, method in enumerate(methods) for row in bench(method, i, work, models)]
+    rows = [row for i, method in enumerate(methods) for row in bench(method, i, work, models, args.repeat)]
     console.print(f"load average after: {os.getloadavg()}")
 
-    table = Table(title="merger run vs its peer (end-to-end CLI, Gemma 3 270M: base + 2 fine-tunes; fold: base + 2 LoRAs)")
+    table = Table(title=f"merger run vs its peer (end-to-end CLI, Gemma 3 270M: base + 2 fine-tunes; fold: base + 2 LoRAs; "
+                        f"median of {args.repeat} runs, largest peak RSS)")
     for header in ("method", "peer", "peer s", "merger s", "time ratio", "peer peak RSS GB", "merger peak RSS GB", "RSS ratio", "outputs equal"):
         table.add_column(header, justify="left" if header in ("method", "peer") else "right", overflow="fold")
     for r in rows:
