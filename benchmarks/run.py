@@ -239,6 +239,8 @@ def bench(method: str, order: int, work: Path, models: Path, repeat: int) -> lis
             our_runs[label].append(run())
         if (order + r) % 2 == 1:
             peer_runs.append(run_peer())
+        console.print(f"  run {r + 1}: " + ", ".join(f"{label} {runs[-1].seconds:.2f} s" for label, runs in
+                                                     [(peer, peer_runs), *our_runs.items()]))
     pr = typical(peer_runs)
     measured = [(label, typical(runs)) for label, runs in our_runs.items()]
 

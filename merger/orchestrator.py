@@ -258,6 +258,7 @@ def _run_stage(plan: StagePlan, outputs: dict[str, ModelRow], settings: Settings
             recipe_digest=digest_json(normalized),
             versions=versions,
             origin=output.origin,
+            digests=output.digests,
         )
     store.remember(key, model.id)
     seconds = time.monotonic() - started

@@ -45,6 +45,7 @@ class StageOutput:
     library: str = "transformers"
     made_by: Any = None  # the stage recipe that rebuilds these files when it is not the planned stage (a search's merge)
     origin: dict | None = None  # recorded with the model (a search's record)
+    digests: dict[str, str] = field(default_factory=dict)  # sha256 of files the runner hashed as it wrote them, by path
 
 
 @dataclass

@@ -83,13 +83,15 @@ class Store:
         recipe_digest: str | None = None,
         versions: dict | None = None,
         origin: dict | None = None,
+        digests: dict[str, str] | None = None,
     ) -> tuple[ModelRow, bool]:
         """Move a finished directory into the store under its content id and record it; True if this call stored it.
 
         Idempotent: bytes already stored keep their row as it is (name, lineage, and so who owns them). A row known
-        before only as an external directory becomes the stored model.
+        before only as an external directory becomes the stored model. ``digests``: the sha256 of files (by
+        relative path) their writer took as it wrote them; the others are hashed here.
         """
-        entries = manifest(staged)
+        entries = manifest(staged, known=digests)
         model_id = manifest_id(entries)
         dest = self.settings.models_dir / model_id
         try:

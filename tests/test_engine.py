@@ -2,7 +2,10 @@
 (torch.equal), the safetensors file byte for byte, config.json and the tokenizer; bf16 and float32 inputs,
 dtype/out_dtype, gradients and filters, a DARE seed, and TIES cuts inside runs of tied magnitudes."""
 
+import hashlib
 import json
+import os
+import random
 import shutil
 import subprocess
 import sys
@@ -15,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from merger.engine import Unsupported, execute, prepare
 from merger.engine.methods import SLERP_CHUNK
 from merger.engine.topk import argsort_mask, top_k_mask
+from merger.hashing import PrefixDigest, sha256_file
 from tests.tiny_models import make_family, write_yaml
 
 MERGEKIT_YAML = str(Path(sys.executable).parent / "mergekit-yaml")
@@ -115,7 +119,8 @@ def run_both(config: dict, root: Path, tmp_path: Path) -> tuple[Path, Path]:
                     "--num-threads", "1", "--quiet", "--no-write-model-card"], check=True, capture_output=True)
     names = {config.get("base_model")} | {m["model"] for m in config["models"]}
     ours = tmp_path / "engine"
-    execute(prepare(config, {n: Path(n) for n in names if n}), ours, seed=SEED)
+    digests = execute(prepare(config, {n: Path(n) for n in names if n}), ours, seed=SEED)
+    assert digests == {path.name: sha256_file(path) for path in ours.glob("*.safetensors")}  # taken as the files were written
     return ours, theirs
 
 
@@ -285,3 +290,29 @@ def test_a_truncated_input_is_refused_when_planned_and_runs_are_read_as_stored(t
         f.truncate(path.stat().st_size - 1)
     with pytest.raises(UnsupportedFile, match="shorter than its header"):
         read_header(path)
+
+
+def test_a_prefix_digest_hashes_ranges_final_in_any_order(tmp_path):
+    path, size = tmp_path / "file", 5 * (1 << 20) + 123  # more than one read of the hashing thread
+    content = random.Random(1).randbytes(size)
+    cuts = sorted(random.Random(2).sample(range(1, size), 40))
+    ranges = list(zip([0, *cuts], [*cuts, size]))
+    random.Random(3).shuffle(ranges)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, size)
+    digest = PrefixDigest(path, size)
+    for start, stop in ranges:
+        os.pwrite(fd, b"x" * (stop - start), start)  # rewritten before it is final
+        os.pwrite(fd, content[start:stop], start)
+        digest.final(start, stop)
+    os.close(fd)
+    assert digest.hexdigest() == hashlib.sha256(content).hexdigest()
+
+    unfinished = PrefixDigest(path, size)
+    unfinished.final(0, 10)
+    with pytest.raises(ValueError, match=f"bytes 10 to {size} were never declared final"):
+        unfinished.hexdigest()
+    shorter = PrefixDigest(path, size + 1)  # the file ends before the size it was to have
+    shorter.final(0, size + 1)
+    with pytest.raises(OSError, match=f"file ended at byte {size} of {size + 1}"):
+        shorter.hexdigest()

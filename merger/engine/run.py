@@ -96,8 +96,9 @@ def plan(config: EngineConfig, dirs: dict[str, Path]) -> MergePlan:
 
 
 def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device: str = "cpu",
-            on_tensor: Callable[[int, int], None] | None = None) -> None:
-    """Write the merged model into ``out_dir`` (created). ``on_tensor(done, total)`` may raise to stop."""
+            on_tensor: Callable[[int, int], None] | None = None) -> dict[str, str]:
+    """Write the merged model into ``out_dir`` (created); the sha256 of each weights file written, by name.
+    ``on_tensor(done, total)`` may raise to stop."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = devices.resolve(device)
     config, method = merge.config, merge.config.method
@@ -121,19 +122,37 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
                 params = [config.per_model(m, output.name, output.t) for m in config.models]
                 inputs = Inputs(output.inputs, load_dtype, _compute_dtype(output.inputs, load_dtype), device, streams[k])
                 method.run(inputs, Output(where[output.name], output.name, output.spec.dtype), base_index, shared, params)
+                where[output.name].finished(output.name)
 
-            # at once, the largest first: the others are merged meanwhile instead of waiting behind it at the end
-            order = sorted(range(len(merge.tensors)), key=lambda k: -merge.tensors[k].spec.numel) if threads > 1 else None
-            _in_order(merge_one, order or range(len(merge.tensors)), threads, on_tensor or (lambda done, total: None))
+            placed = {t.name: (i, f.offsets[t.name]) for i, (f, shard) in enumerate(zip(files, shards)) for t in shard}
+            order = _order(merge, threads, replaying or not method.randomized, lambda k: placed[merge.tensors[k].name])
+            _in_order(merge_one, order, threads, on_tensor or (lambda done, total: None))
+    except BaseException:
+        for f in files:
+            f.digest.abandon()
+        raise
     finally:
         for f in files:
             f.close()
+    digests = {f.path.name: f.digest.hexdigest() for f in files}
     if len(shards) > 1:
         _write_index(out_dir, shards)
     _write_config(merge, out_dir)
     for name in TOKENIZER_FILES:
         if (merge.donor / name).exists():
             shutil.copyfile(merge.donor / name, out_dir / name)
+    return digests
+
+
+def _order(merge: MergePlan, threads: int, any_order: bool, placed: Callable[[int], tuple[int, int]]) -> Sequence[int]:
+    """The order tensors are merged in: at once, the largest first (the others are merged meanwhile instead of
+    waiting behind it at the end); else where they lie in the files (``placed(k)``: file, offset), so that each
+    file's digest follows its writing; mergekit's order where the result depends on it (random draws from one
+    generator, not replayed)."""
+    tensors = merge.tensors
+    if threads > 1:
+        return sorted(range(len(tensors)), key=lambda k: -tensors[k].spec.numel)
+    return sorted(range(len(tensors)), key=placed) if any_order else range(len(tensors))
 
 
 def _at_once(merge: MergePlan, device: str) -> bool:

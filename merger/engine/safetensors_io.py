@@ -3,7 +3,8 @@
 Reading: a tensor, or a run of its elements, is mapped copy-on-write while it is used (no copy out of the page
 cache), or, when small, read with ``os.preadv`` into a tensor. Writing: the header is computed up front
 from the names, dtypes and shapes, exactly as ``safetensors.torch.save_file`` lays a file out, and each tensor
-is written straight to its place with ``os.pwrite``; nothing is buffered.
+is written straight to its place with ``os.pwrite``; nothing is buffered. The file's sha256 is taken meanwhile
+(``merger.hashing.PrefixDigest``), so the store need not read it again.
 """
 
 import ctypes
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from merger.hashing import PrefixDigest
 
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
@@ -136,11 +139,14 @@ class PlannedFile:
 
     def __init__(self, path: Path, specs: dict[str, TensorSpec]):
         header, offsets = header_bytes(specs)
-        self.specs = specs
+        self.path, self.specs = path, specs
         self.offsets = {name: len(header) + offset for name, offset in offsets.items()}
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self.fd, header, 0)
-        os.ftruncate(self.fd, len(header) + sum(spec.nbytes for spec in specs.values()))
+        size = len(header) + sum(spec.nbytes for spec in specs.values())
+        os.ftruncate(self.fd, size)
+        self.digest = PrefixDigest(path, size)  # hashed as tensors are finished, while the others are computed
+        self.digest.final(0, len(header))
 
     def write(self, name: str, tensor: torch.Tensor, first_element: int = 0) -> None:
         """The tensor, or a flat run of its elements starting at ``first_element``, written to its place."""
@@ -154,6 +160,10 @@ class PlannedFile:
         view, done = memoryview(_buffer(tensor)).cast("B"), 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], start + done)
+
+    def finished(self, name: str) -> None:
+        """The tensor is written whole and will not change."""
+        self.digest.final(self.offsets[name], self.offsets[name] + self.specs[name].nbytes)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -8,7 +8,7 @@ loads a pickle. Planning reads configs and headers only and imports neither torc
 
 import importlib.util
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -148,8 +148,7 @@ def run(plan: StagePlan, dirs: list[Path], out_dir: Path, work_dir: Path, report
     stated = {"search": stage.provenance.search, "stated_in_recipe": True} if stage.provenance else None
     output = StageOutput(plan.output_info.architecture if plan.output_info else None, card_relation="merge", origin=stated)
     if (native := _engine_plan(plan, dirs)) is not None:
-        _run_engine(native, stage, out_dir, report, should_cancel)
-        return output
+        return replace(output, digests=_run_engine(native, stage, out_dir, report, should_cancel))
 
     import mergekit.merge
     from mergekit.config import MergeConfiguration
@@ -191,7 +190,7 @@ def _engine_plan(plan: StagePlan, dirs: list[Path]) -> "MergePlan | None":
         return None
 
 
-def _run_engine(native: "MergePlan", stage: MergeStage, out_dir: Path, report: Reporter, should_cancel: CancelCheck) -> None:
+def _run_engine(native: "MergePlan", stage: MergeStage, out_dir: Path, report: Reporter, should_cancel: CancelCheck) -> dict[str, str]:
     def on_tensor(done: int, total: int) -> None:
         report(ProgressEvent(stage.name, "progress", done, total, "tensors"))
         if should_cancel():
@@ -200,7 +199,7 @@ def _run_engine(native: "MergePlan", stage: MergeStage, out_dir: Path, report: R
     from merger import engine
 
     report(ProgressEvent(stage.name, "progress", 0, len(native.tensors), "tensors"))
-    engine.execute(native, out_dir, seed=stage.seed, device=Settings().device, on_tensor=on_tensor)
+    return engine.execute(native, out_dir, seed=stage.seed, device=Settings().device, on_tensor=on_tensor)
 
 
 @contextmanager
