@@ -292,6 +292,19 @@ def test_a_truncated_input_is_refused_when_planned_and_runs_are_read_as_stored(t
         read_header(path)
 
 
+@pytest.mark.parametrize("method", ["linear", "ties"])  # in the files' order; two tensors at once, the largest first
+def test_each_shard_gets_the_digest_of_its_bytes(method, families, tmp_path, monkeypatch):
+    from merger.engine.run import MergePlan
+
+    config = absolute(configs("gemma3")[method], families)
+    plan = prepare(config, {n: Path(n) for n in {config.get("base_model")} | {m["model"] for m in config["models"]} if n})
+    whole = MergePlan.shards
+    monkeypatch.setattr(MergePlan, "shards", lambda self: whole(self, max_bytes=20_000))
+    digests = execute(plan, tmp_path / "out", seed=SEED)
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 2 and digests == {path.name: sha256_file(path) for path in files}
+
+
 def test_a_prefix_digest_hashes_ranges_final_in_any_order(tmp_path):
     path, size = tmp_path / "file", 5 * (1 << 20) + 123  # more than one read of the hashing thread
     content = random.Random(1).randbytes(size)

@@ -103,13 +103,15 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
     device = devices.resolve(device)
     config, method = merge.config, merge.config.method
     shards = merge.shards()
-    files = [PlannedFile(out_dir / name, {t.name: t.spec for t in shard}) for name, shard in zip(_shard_names(len(shards)), shards)]
-    where = {t.name: f for f, shard in zip(files, shards) for t in shard}
     _large_allocations_unmapped(method.mmap_threshold)
     load_dtype = _dtype(config.dtype)
     base_index = config.models.index(config.base) if config.base is not None and method.needs_base else None
     threads = torch.get_num_threads() if _at_once(merge, device) else 1
+    files: list[PlannedFile] = []
     try:
+        for name, shard in zip(_shard_names(len(shards)), shards):
+            files.append(PlannedFile(out_dir / name, {t.name: t.spec for t in shard}))
+        where = {t.name: f for f, shard in zip(files, shards) for t in shard}
         with _single_thread(method.randomized or threads > 1):
             if seed is not None:
                 torch.manual_seed(seed)
