@@ -160,22 +160,25 @@ def auto_dtype(model_dir: Path, device: str = "cpu") -> str:
 
 @cache
 def faster_than_float32(dtype: str) -> bool:
-    """Whether this CPU multiplies ``dtype`` matrices faster than float32 ones: one product of PROBE_SHAPE
-    timed in each (best of three, after a first call that picks the kernel), once per process."""
-    return _matmul_seconds(DTYPES[dtype]) < _matmul_seconds(torch.float32)
+    """Whether this CPU multiplies ``dtype`` matrices faster than float32 ones: one product of PROBE_SHAPE in
+    each, timed three times in turn (the best of each; after a first call that picks the kernel), once per process."""
+    products = [_product(DTYPES[dtype]), _product(torch.float32)]
+    rounds = [[_seconds(product) for product in products] for _ in range(3)]
+    half, full = (min(times) for times in zip(*rounds))
+    return half < full
 
 
-def _matmul_seconds(dtype: torch.dtype) -> float:
+def _product(dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     rows, inputs, outputs = PROBE_SHAPE
-    x, weight = torch.randn(rows, inputs).to(dtype), torch.randn(outputs, inputs).to(dtype)
-    with torch.inference_mode():
-        torch.nn.functional.linear(x, weight)
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            times.append(time.perf_counter() - started)
-    return min(times)
+    product = partial(torch.nn.functional.linear, torch.randn(rows, inputs).to(dtype), torch.randn(outputs, inputs).to(dtype))
+    product()
+    return product
+
+
+def _seconds(product: Callable[[], torch.Tensor]) -> float:
+    started = time.perf_counter()
+    product()
+    return time.perf_counter() - started
 
 
 def llama_cpp_available() -> bool:
