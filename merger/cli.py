@@ -123,7 +123,7 @@ def eval_(
     lm_eval: Annotated[list[Path], typer.Option("--lm-eval", help="lm-evaluation-harness task YAML with local data; repeatable")] = [],  # noqa: B006
     limit: Annotated[Optional[int], typer.Option(min=1, help="Examples per task file, windows of text, lm-eval documents")] = None,
     no_parents: Annotated[bool, typer.Option("--no-parents", help="Only the named models, not their parents and sources")] = False,
-    dtype: Annotated[str, typer.Option(help="auto (float32, or as stored on a CPU with AMX for it) | float32 | bfloat16 | float16 (transformers)")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (as stored where the device multiplies that dtype faster than float32, else float32) | float32 | bfloat16 | float16 (transformers)")] = "auto",
     runtime: Annotated[str, typer.Option(help="auto | transformers | llama.cpp (GGUF models)")] = "auto",
     window: Annotated[int, typer.Option(min=2, help="Perplexity window in tokens")] = 512,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass: perplexity windows, task examples decoded together, lm-eval requests")] = 8,

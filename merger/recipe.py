@@ -175,7 +175,7 @@ class EvaluateSpec(_Strict):
     lm_eval: list[str] = Field(default_factory=list, description="lm-evaluation-harness task YAMLs with local data files, under the model roots")
     limit: int | None = Field(default=None, gt=0, description="Examples per task file, windows of text, documents per lm-eval task; default: all")
     parents: bool = Field(default=True, description="Also evaluate each model's parents (base, donors) and a quantized model's unquantized source")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights dtype under transformers; auto: float32, or as stored (config.json's dtype) on a CPU with native matrix units for it (AMX), where half precision is faster")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights dtype under transformers; auto: as stored (config.json's dtype) where the device multiplies that dtype faster than float32 (a GPU with native support; a CPU, timed once per process), else float32")
     runtime: Literal["auto", "transformers", "llama.cpp"] = Field(default="auto", description="For GGUF models: llama.cpp where installed (auto), or transformers (dequantized)")
     window: int = Field(default=512, ge=2, le=131072, description="Perplexity window in tokens (clipped to the model's context)")
     batch_size: int = Field(default=8, gt=0, le=1024, description="Sequences per forward pass: perplexity windows, task examples decoded together (left-padded), lm-eval requests")
