@@ -11,9 +11,10 @@ One command, from the repo root:
 2. for each method, run both CLIs end to end (Python start-up included) on the same merge, --repeat
    times (default 3) in alternating order, each run after `sync` (no other run's output is still being
    written back) and on fresh output directories, measuring each child's wall time and peak RSS (os.wait4
-   reports the usage of that one child); the table gives the median time and the largest peak. Merge methods are measured twice on merger's side: `merger run` (the CLI,
-   which hands these configs to merger's engine) and the engine alone (benchmarks/engine_merge.py,
-   the same command line as mergekit-yaml).
+   reports the usage of that one child); the table gives the median time and the largest peak. Merge
+   methods are measured twice on merger's side: `merger run` (the CLI, which hands these configs to
+   merger's engine) and the engine alone (benchmarks/engine_merge.py, the same command line as
+   mergekit-yaml).
    fold: both fixture adapters at weight 1.0 into the base, merger's adapters stage vs
    benchmarks/peft_fold.py. q8_0, q4_k_m: the base quantized to GGUF, merger's quantize stage vs
    benchmarks/llama_cpp_quantize.py (the same llama.cpp converter, then its quantizer).
@@ -310,6 +311,8 @@ def main() -> None:
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     work = args.work.resolve()
 
     console.print(f"cores: {os.cpu_count()}  load average {os.getloadavg()}  mergekit {version('mergekit')}  torch {version('torch')}  transformers {version('transformers')}")
