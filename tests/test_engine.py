@@ -2,6 +2,7 @@
 (torch.equal), the safetensors file byte for byte, config.json and the tokenizer; bf16 and float32 inputs,
 dtype/out_dtype, gradients and filters, a DARE seed, and TIES cuts inside runs of tied magnitudes."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -272,6 +273,27 @@ def test_merges_in_parts(prefix, method, families, tmp_path, monkeypatch):
     ours, theirs = run_both(configs(prefix)[method], families, tmp_path)
     largest = max(t.numel() for t in load_file(ours / "model.safetensors").values())
     assert largest > 2 * (SLERP_CHUNK if method == "slerp" else 333)
+    assert_same_output(ours, theirs)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_runs_on_the_idle_cores_with_the_same_bits(threads, families, tmp_path, monkeypatch):
+    """linear takes as many torch threads as cores are idle: on one or two, mergekit's bytes (runs of an odd
+    length: each thread's share ends off the vector width)."""
+    from merger import devices
+    from merger.engine import methods
+
+    seen, original = [], methods.METHODS["linear"]
+
+    def linear(*args) -> None:
+        seen.append(torch.get_num_threads())
+        original.run(*args)
+
+    monkeypatch.setattr(devices, "idle_cores", lambda: threads)
+    monkeypatch.setitem(methods.METHODS, "linear", dataclasses.replace(original, run=linear))
+    monkeypatch.setattr(methods, "LINEAR_RUN_ELEMENTS", 333_333)
+    ours, theirs = run_both(configs("wide")["linear"], families, tmp_path)
+    assert set(seen) == {threads}
     assert_same_output(ours, theirs)
 
 

@@ -36,6 +36,7 @@ class Method:
     exact_inputs: int | None = None
     randomized: bool = False
     tensors_at_once: bool = False  # its tensors may be merged concurrently, on single-threaded torch (see run.execute)
+    elementwise: bool = False  # its result's bits do not depend on torch's thread count (see run._torch_thread_count)
     # glibc's mmap threshold while it runs (see run._large_allocations_unmapped): slerp's passes over runs of several
     # sizes grew glibc's heap by a gigabyte unless every block of 1 MB or more was mapped afresh; task arithmetic's
     # blocks come in a few sizes per tensor, and mapping each afresh cost seconds of page faults
@@ -253,7 +254,7 @@ def _declared(name: str) -> dict[str, Any]:
 
 
 METHODS: dict[str, Method] = {
-    "linear": Method("linear", linear, **_declared("linear")),
+    "linear": Method("linear", linear, **_declared("linear"), elementwise=True),
     "slerp": Method("slerp", slerp, **_declared("slerp")),
     **{name: variant.method(name) for name, variant in {
         "task_arithmetic": TaskArithmetic(None, False),

@@ -13,8 +13,6 @@ continuation. The metrics use only that, so every runtime is measured by the sam
 
 import importlib.util
 import json
-import os
-import statistics
 import time
 from collections.abc import Callable, Container
 from contextlib import contextmanager
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from merger import devices
 from merger.errors import MergerError
 from merger.gguf_tools import native_stderr
 from merger.hashing import digest_json, sha256_file
@@ -94,10 +93,7 @@ class Runtime(Protocol):
 
 @contextmanager
 def evaluation_threads():
-    """torch's thread count while evaluating: the cores no other runnable task wants (at least one).
-
-    On 2 cores that other work keeps busy (load 6), a forward pass with 2 OpenMP threads, each waiting at every
-    barrier for the other to get a core, took 10x the wall time of one thread (and 8x the CPU time)."""
+    """torch's thread count while evaluating: the cores idle now (``devices.idle_cores``)."""
     before = torch.get_num_threads()
     adapt_threads()
     try:
@@ -109,19 +105,7 @@ def evaluation_threads():
 def adapt_threads() -> None:
     """Set torch's thread count to the cores idle now (``evaluation_threads`` calls it again between batches:
     the load changes while an evaluation runs)."""
-    torch.set_num_threads(_idle_cores())
-
-
-def _idle_cores(samples: int = 3) -> int:
-    cores = len(os.sched_getaffinity(0))
-    try:
-        running = []
-        for _ in range(samples):  # /proc/loadavg's 4th field: runnable tasks now (this one included) / all
-            running.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]))
-            time.sleep(0.01)
-    except (OSError, IndexError, ValueError):  # not Linux
-        return cores
-    return max(1, min(cores, cores + 1 - round(statistics.median(running))))
+    torch.set_num_threads(devices.idle_cores())
 
 
 def gguf_file(model_dir: Path) -> Path | None:
