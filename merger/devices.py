@@ -7,6 +7,7 @@ barrier for the other to get a core, took 10x the wall time of one thread (and 8
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,3 +33,15 @@ def idle_cores(samples: int = 3) -> int:
     except (OSError, IndexError, ValueError):  # not Linux
         return cores
     return max(1, min(cores, cores + 1 - round(statistics.median(running))))
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """torch's thread count set to ``count`` (None: left as it is) inside the block, and back as it was after."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -7,7 +7,6 @@ import shutil
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,7 +111,7 @@ def execute(merge: MergePlan, out_dir: Path, *, seed: int | None = None, device:
         for name, shard in zip(_shard_names(len(shards)), shards):
             files.append(PlannedFile(out_dir / name, {t.name: t.spec for t in shard}))
         where = {t.name: f for f, shard in zip(files, shards) for t in shard}
-        with _torch_threads(_torch_thread_count(merge, threads, device)):
+        with devices.torch_threads(_torch_thread_count(merge, threads, device)):
             if seed is not None:
                 torch.manual_seed(seed)
             replaying = method.randomized and device == "cpu"
@@ -263,14 +262,3 @@ def _torch_thread_count(merge: MergePlan, threads: int, device: str) -> int | No
     if method.randomized or threads > 1:
         return 1
     return devices.idle_cores() if method.elementwise and device == "cpu" else None
-
-
-@contextmanager
-def _torch_threads(count: int | None):
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

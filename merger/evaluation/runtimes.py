@@ -91,15 +91,9 @@ class Runtime(Protocol):
     def versions(self) -> dict[str, str]: ...
 
 
-@contextmanager
 def evaluation_threads():
     """torch's thread count while evaluating: the cores idle now (``devices.idle_cores``)."""
-    before = torch.get_num_threads()
-    adapt_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return devices.torch_threads(devices.idle_cores())
 
 
 def adapt_threads() -> None:
