@@ -89,3 +89,15 @@ def test_validating_a_merge_by_mergekit_prints_only_the_result(tmp_path, env):
     done, imported = traced(tmp_path, "validate", recipe, env=env)
     assert done.returncode == 0 and "ok" in done.stdout and done.stderr == "", done.stderr
     assert {"mergekit", "torch"} <= imported
+
+
+def test_rerunning_a_cached_merge_imports_no_torch(tmp_path, env):
+    """The first run merges (torch); the second finds every stage cached and answers without torch or mergekit."""
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "bfloat16", "models": [
+        {"model": "gemma3-ft1", "parameters": {"weight": 0.5}}, {"model": "gemma3-ft2", "parameters": {"weight": 0.5}}]}))
+    first, imported = traced(tmp_path, "run", recipe, env=env)
+    assert first.returncode == 0 and "torch" in imported, first.stderr
+    again, imported = traced(tmp_path, "run", recipe, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout and "cache hit" in again.stderr, again.stderr
+    assert imported & HEAVY == set()

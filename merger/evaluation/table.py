@@ -1,11 +1,16 @@
-"""One side-by-side view of an evaluation: a row per model, a column per data file, and tokens/s."""
+"""One side-by-side view of an evaluation: a row per model, a column per data file, and tokens/s. Imports no
+torch (the suite's runtimes do): a cached run, the web pages and the API render results without it."""
+
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from merger.db import EvaluationRow
 from merger.evaluation.datasets import CHOICE, GENERATION, KL_DIVERGENCE, LM_EVAL, PERPLEXITY, DataFile
-from merger.evaluation.suite import Report, Result
 from merger.formatting import human_size
+
+if TYPE_CHECKING:
+    from merger.evaluation.suite import Report, Result
 
 HEADINGS = {PERPLEXITY: "ppl", GENERATION: "acc", CHOICE: "mc acc", LM_EVAL: "lm-eval"}
 
@@ -21,14 +26,14 @@ def headline(row: EvaluationRow) -> float:
     return row.values["accuracy"]
 
 
-def tokens_per_second(results: list[Result]) -> float | None:
+def tokens_per_second(results: "list[Result]") -> float | None:
     """Throughput over every measurement of a model that counted tokens."""
     timed = [r.row for r in results if r.row.tokens_per_second]
     seconds = sum(row.seconds for row in timed)
     return sum(row.tokens_per_second * row.seconds for row in timed) / seconds if seconds else None
 
 
-def render(report: Report, title: str | None = None) -> Table:
+def render(report: "Report", title: str | None = None) -> Table:
     """A row per model; a column per data file, then for each text a quantized model was compared on, its KL
     divergence from the unquantized source and their top-1 agreement; then tokens/s."""
     table = Table(title=title)
@@ -55,7 +60,7 @@ def render(report: Report, title: str | None = None) -> Table:
     return table
 
 
-def as_json(report: Report) -> dict:
+def as_json(report: "Report") -> dict:
     return {
         "data": [{"label": d.label, "metric": d.metric, "sha256": d.sha256} for d in report.data],
         "models": [
@@ -66,7 +71,7 @@ def as_json(report: Report) -> dict:
     }
 
 
-def result_json(result: Result) -> dict:
+def result_json(result: "Result") -> dict:
     return row_json(result.row) | {"cache_hit": result.cache_hit}
 
 
