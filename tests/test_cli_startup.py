@@ -1,5 +1,5 @@
-"""Commands that answer at once: checking a recipe (merges by merger's engine's methods included) and reading
-the store import no torch, mergekit, transformers, PEFT or torchao, and the libraries print nothing of their own (warnings,
+"""Commands that answer at once: checking a recipe (merges by merger's engine's methods included), reading the
+store and rerunning a cached merge import no torch, mergekit, transformers, PEFT or torchao, and the libraries print nothing of their own (warnings,
 library-load failures, progress bars) unless ``--verbose``. Each case runs the real command line in a
 fresh interpreter that writes down, on exit, every module it imported."""
 
@@ -92,7 +92,7 @@ def test_validating_a_merge_by_mergekit_prints_only_the_result(tmp_path, env):
 
 
 def test_rerunning_a_cached_merge_imports_no_torch(tmp_path, env):
-    """The first run merges (torch); the second finds every stage cached and answers without torch or mergekit."""
+    """The first run merges (torch); the second finds the stage cached and answers with the same id, importing none of them."""
     recipe = tmp_path / "merge.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "bfloat16", "models": [
         {"model": "gemma3-ft1", "parameters": {"weight": 0.5}}, {"model": "gemma3-ft2", "parameters": {"weight": 0.5}}]}))
