@@ -1,7 +1,7 @@
 """Commands that answer at once: checking a recipe (merges by merger's engine's methods included), reading the
-store and rerunning a cached merge import no torch, mergekit, transformers, PEFT or torchao, and the libraries print nothing of their own (warnings,
-library-load failures, progress bars) unless ``--verbose``. Each case runs the real command line in a
-fresh interpreter that writes down, on exit, every module it imported."""
+store and rerunning a cached merge import no torch, mergekit, transformers, PEFT or torchao, and the libraries
+print nothing of their own (warnings, library-load failures, progress bars) unless ``--verbose``. Each case runs
+the real command line in a fresh interpreter that writes down, on exit, every module it imported."""
 
 import json
 import subprocess
